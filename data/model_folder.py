@@ -1,0 +1,72 @@
+"""Load a user's diffusers model from a local folder: a pipeline folder (model_index.json with a `unet`
+and a `scheduler`) or a bare model folder (config.json). Real `from_pretrained`, nothing downloaded."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import diffusers
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing or is not a diffusers folder; the message names the path."""
+
+
+def _class_from_config(config_file: Path):
+    try:
+        name = json.loads(config_file.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFolderError(f"{config_file} is not a diffusers config ({e.__class__.__name__}: {e})") from None
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ModelFolderError(f"{config_file}: class {name!r} is not a diffusers class")
+    return cls
+
+
+def resolve(path: str | Path) -> tuple[Path, Path | None]:
+    """(unet folder, scheduler folder or None) of a model path."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder not found: {path}")
+    if (path / "model_index.json").is_file():
+        unet, scheduler = path / "unet", path / "scheduler"
+        if not (unet / "config.json").is_file():
+            raise ModelFolderError(f"pipeline folder {path} has no unet/config.json")
+        return unet, scheduler if (scheduler / "scheduler_config.json").is_file() else None
+    if (path / "config.json").is_file():
+        return path, None
+    raise ModelFolderError(f"{path} is not a diffusers model folder (no model_index.json or config.json)")
+
+
+def load_unet(path: str | Path):
+    """The denoiser of a model folder, as the diffusers class its config names."""
+    unet_dir, _ = resolve(path)
+    return _class_from_config(unet_dir / "config.json").from_pretrained(unet_dir)
+
+
+def load_scheduler(path: str | Path, kind: str | None = None):
+    """The folder's scheduler (or a default DDPM schedule if it has none), converted to `kind`
+    ('ddim', 'ddpm', 'dpm') when given, keeping the trained noise schedule."""
+    _, sched_dir = resolve(path)
+    kinds = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
+             "dpm": diffusers.DPMSolverMultistepScheduler}
+    if kind is not None and kind not in kinds:
+        raise ModelFolderError(f"unknown scheduler kind {kind!r}; choose one of {sorted(kinds)}")
+    if sched_dir is None:
+        base = diffusers.DDPMScheduler()
+    else:
+        base = _class_from_config(sched_dir / "scheduler_config.json").from_pretrained(sched_dir)
+    return kinds[kind].from_config(base.config) if kind else base
+
+
+def model_hash(path: str | Path) -> str:
+    """sha256 over the unet folder's files (names and bytes): identifies the source model of a result."""
+    unet_dir, _ = resolve(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in unet_dir.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(unet_dir)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

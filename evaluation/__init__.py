@@ -1,0 +1,1 @@
+"""Judging a quantized model against its floating-point original."""

@@ -1,0 +1,48 @@
+"""Fidelity to the FP model on the same seeds: PSNR of final samples, per-step noise-prediction MSE,
+and an image grid FP | quantized."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of samples in [-1, 1] (clamped, as they are shown)."""
+    a = (a.clamp(-1, 1) + 1) / 2
+    b = (b.clamp(-1, 1) + 1) / 2
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def noise_pred_mse(qunet, records) -> dict[int, float]:
+    """MSE between the quantized model's noise prediction and the FP one, on the FP trajectory's inputs."""
+    per_step: dict[int, list[float]] = {}
+    for r in records:
+        eps = qunet(r.sample, r.timestep).sample
+        per_step.setdefault(r.step, []).append((eps - r.noise_pred).pow(2).mean().item())
+    return {step: float(np.mean(v)) for step, v in sorted(per_step.items())}
+
+
+def save_grid(columns: list[torch.Tensor], path: str | Path, nrow: int = 8) -> Path:
+    """Side-by-side grids of samples in [-1, 1]: one grid per tensor, separated by a gap."""
+    tiles = []
+    for images in columns:
+        imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # B C H W
+        b, c, h, w = imgs.shape
+        rows = (b + nrow - 1) // nrow
+        grid = np.zeros((c, rows * (h + 2), nrow * (w + 2)), dtype=np.uint8)
+        for i in range(b):
+            r, col = divmod(i, nrow)
+            grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = imgs[i]
+        tiles.append(grid)
+    gap = np.full((tiles[0].shape[0], tiles[0].shape[1], 8), 255, dtype=np.uint8)
+    full = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=2)
+    img = full[0] if full.shape[0] == 1 else np.transpose(full[:3], (1, 2, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path

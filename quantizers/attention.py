@@ -1,0 +1,67 @@
+"""Attention quantization through a diffusers attention processor (DESIGN.md §3.8).
+
+The projections to_q/to_k/to_v/to_out are already QuantLinear layers; this processor adds the two
+activation-activation matmuls: Q and K before QKᵀ, the softmax probabilities and V before P·V. It is
+diffusers' own extension point (`Attention.set_processor`), so the Attention module is untouched. Being
+an nn.Module, the processor is registered under the Attention module and its quantizer tables are part
+of the model's state dict.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .temporal import TemporalQuantizer
+
+
+class QuantAttnProcessor(nn.Module):
+    """The computation of diffusers' `AttnProcessor`, with Q, K, V and probabilities fake-quantized."""
+
+    def __init__(self, bits: int, softmax_bits: int = 8, symmetric: bool = False, per_timestep: bool = True):
+        super().__init__()
+        self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
+        self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
+        self.v_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
+        self.probs_quantizer = TemporalQuantizer(softmax_bits, False, per_timestep)  # probs ∈ [0, 1]: z = 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        # An explicit signature: diffusers filters the kwargs it passes by the processor's __call__ parameters.
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(self.q_quantizer(query))
+        key = attn.head_to_batch_dim(self.k_quantizer(key))
+        value = attn.head_to_batch_dim(self.v_quantizer(value))
+
+        probs = self.probs_quantizer(attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

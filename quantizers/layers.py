@@ -1,0 +1,131 @@
+"""Quantized Conv2d and Linear: a per-output-channel weight quantizer and a temporal input quantizer.
+
+They subclass the float layers, keep the same `weight`/`bias` parameters (so the model's state dict
+and `isinstance` checks still work) and only change `forward`.
+
+Input channels may be split into groups that get their own input quantizer and their own weight
+quantizer over that slice of the weight (Q-Diffusion's shortcut splitting, DESIGN.md §3.2): the layer
+then behaves like two layers summed, one per half of `concat(h_deep, h_skip)`.
+
+Weight Dilation (§3.3) stores s per input channel in the `dilation_scale` buffer: the weight holds s·W and
+the input is divided by s as the first part of the input quantization step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dilation import dilate_weight, dilation_factors
+from .temporal import TemporalQuantizer
+from .uniform import UniformQuantizer
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Bits for one layer; None keeps that side in floating point."""
+
+    weight_bits: int | None
+    act_bits: int | None
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    per_timestep: bool = True
+
+
+class QuantLayerMixin:
+    """Shared by QuantConv2d and QuantLinear. `channel_dim` is where input channels live in x."""
+
+    channel_dim: int
+
+    def _setup_quant(self, spec: LayerSpec, splits: tuple[int, ...] = ()) -> None:
+        self.spec = spec
+        in_ch, out_ch = self.weight.shape[1], self.weight.shape[0]
+        bounds = [0, *splits, in_ch]
+        self.input_groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.weight_quantizers = nn.ModuleList(
+            [UniformQuantizer(spec.weight_bits, spec.weight_symmetric, 0, out_ch) for _ in self.input_groups]
+            if spec.weight_bits is not None else []
+        )
+        self.input_quantizers = nn.ModuleList(
+            [TemporalQuantizer(spec.act_bits, spec.act_symmetric, spec.per_timestep) for _ in self.input_groups]
+            if spec.act_bits is not None else []
+        )
+        if spec.act_bits is not None:
+            self.register_buffer("dilation_scale", torch.ones(in_ch, device=self.weight.device))
+
+    @property
+    def can_dilate(self) -> bool:
+        return len(self.input_quantizers) > 0 and getattr(self, "groups", 1) == 1
+
+    @torch.no_grad()
+    def apply_weight_dilation(self) -> None:
+        """Dilate each input group on its own, so every group's per-channel weight ranges are unchanged."""
+        if not self.can_dilate:
+            return
+        for a, b in self.input_groups:
+            w = self.weight[:, a:b]
+            s = dilation_factors(w)
+            self.weight[:, a:b] = dilate_weight(w, s)
+            self.dilation_scale[a:b] *= s.to(self.dilation_scale)
+
+    @torch.no_grad()
+    def init_weight_quantizers(self, method: str) -> None:
+        for q, (a, b) in zip(self.weight_quantizers, self.input_groups):
+            q.init_range(self.weight[:, a:b], method)
+
+    def quant_weight(self) -> torch.Tensor:
+        if len(self.weight_quantizers) == 0:
+            return self.weight
+        parts = [q(self.weight[:, a:b]) for q, (a, b) in zip(self.weight_quantizers, self.input_groups)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.input_quantizers) == 0:
+            return x
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        x = x / self.dilation_scale.view(shape)
+        if len(self.input_quantizers) == 1:
+            return self.input_quantizers[0](x)
+        parts = [q(x.narrow(self.channel_dim, a, b - a)) for q, (a, b) in zip(self.input_quantizers, self.input_groups)]
+        return torch.cat(parts, dim=self.channel_dim)
+
+    def extra_repr(self) -> str:
+        split = f", split={[b for _, b in self.input_groups[:-1]]}" if len(self.input_groups) > 1 else ""
+        return f"{super().extra_repr()}, W{self.spec.weight_bits}A{self.spec.act_bits}{split}"
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    channel_dim = 1
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: LayerSpec, splits: tuple[int, ...] = ()) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        q.weight, q.bias = conv.weight, conv.bias
+        q.train(conv.training)
+        q._setup_quant(spec, splits)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    channel_dim = -1
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: LayerSpec, splits: tuple[int, ...] = ()) -> "QuantLinear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q.train(linear.training)
+        q._setup_quant(spec, splits)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)

@@ -1,0 +1,172 @@
+"""`quantize_(model, config)`: swap a diffusers UNet's layers for quantized ones, in place.
+
+The model keeps its class and call signature, so it still runs inside diffusers pipelines. After
+`quantize_`, weights are quantized (ranges from the weights alone); activation tables are filled by
+`calibrate_(model, batches)` from the model's own inputs along sampler trajectories.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import TimestepEmbedding
+from torch import nn
+
+from .attention import QuantAttnProcessor
+from .layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLinear
+from .temporal import TemporalQuantizer, set_timesteps
+from .uniform import check_bits
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. Every choice of DESIGN.md §3.8 is a key here."""
+
+    weight_bits: int = 4
+    act_bits: int = 8
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    weight_init: Literal["minmax", "mse"] = "mse"
+    act_init: Literal["minmax", "mse"] = "mse"
+    per_timestep: bool = True  # Temporal Parallel Quantizer; False: one activation scale for all timesteps
+    weight_dilation: bool = True
+    shortcut_split: bool = True
+    quantize_attention: bool = True  # Q, K, V and softmax probabilities
+    attention_bits: int | None = None  # bits of Q, K, V; None: act_bits
+    softmax_bits: int = 8
+    first_last_bits: int | None = 8  # first and last conv; None keeps them in floating point
+    time_embedding_bits: int | None = 8  # the timestep-embedding MLP; None keeps it in floating point
+
+    def __post_init__(self):
+        for key in ("weight_bits", "act_bits", "softmax_bits", "attention_bits", "first_last_bits",
+                    "time_embedding_bits"):
+            value = getattr(self, key)
+            if value is not None or key in ("weight_bits", "act_bits", "softmax_bits"):
+                check_bits(value, key)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def shortcut_splits(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Input-channel split of every up-block layer that eats `concat(h_deep, h_skip)` raw (§3.2).
+
+    Follows the skip tensors of a diffusers UNet: conv_in, every down-block resnet and downsampler push
+    one; every up-block resnet pops one and concatenates it after its deep input.
+    """
+    if not all(hasattr(model, a) for a in ("conv_in", "down_blocks", "up_blocks")):
+        return {}
+    skips = [model.conv_in.out_channels]
+    for block in model.down_blocks:
+        skips += [r.out_channels for r in block.resnets]
+        skips += [d.out_channels for d in (getattr(block, "downsamplers", None) or [])]
+    splits = {}
+    for bi, block in enumerate(model.up_blocks):
+        for ri, resnet in enumerate(block.resnets):
+            deep = resnet.in_channels - skips.pop()
+            if getattr(resnet, "conv_shortcut", None) is not None and 0 < deep < resnet.in_channels:
+                splits[f"up_blocks.{bi}.resnets.{ri}.conv_shortcut"] = (deep,)
+    return splits
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _route_timesteps(model, args, kwargs):
+    """Forward pre-hook: give every temporal quantizer the per-sample timesteps of this call."""
+    sample = kwargs["sample"] if "sample" in kwargs else args[0]
+    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    t = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
+    if t.numel() == 1:
+        t = t.expand(sample.shape[0])
+    elif t.numel() != sample.shape[0]:
+        raise ValueError(f"got {t.numel()} timesteps for a batch of {sample.shape[0]} samples")
+    set_timesteps(model, t)
+
+
+def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """Quantize `model` in place and return it (torchao-style). Weights are ready at return;
+    activations need `calibrate_`."""
+    config = config or QuantConfig()
+    if getattr(model, "qdistill_config", None) is not None:
+        raise ValueError("model is already quantized")
+    layers = _quantizable(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize")
+    first, last = layers[0][0], layers[-1][0]
+    time_embedding = [n for n, m in model.named_modules() if isinstance(m, TimestepEmbedding)]
+    splits = shortcut_splits(model) if config.shortcut_split else {}
+
+    for name, module in layers:
+        if name in (first, last):
+            wbits = abits = config.first_last_bits
+        elif any(name.startswith(p + ".") for p in time_embedding):
+            wbits = abits = config.time_embedding_bits
+        else:
+            wbits, abits = config.weight_bits, config.act_bits
+        if wbits is None:
+            continue  # kept in floating point by config
+        spec = LayerSpec(wbits, abits, config.weight_symmetric, config.act_symmetric, config.per_timestep)
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        _set_module(model, name, cls.from_float(module, spec, splits.get(name, ())))
+
+    if config.quantize_attention:
+        for module in model.modules():
+            if isinstance(module, Attention):
+                bits = config.attention_bits or config.act_bits
+                module.set_processor(QuantAttnProcessor(bits, config.softmax_bits, config.act_symmetric,
+                                                        config.per_timestep))
+
+    for module in model.modules():
+        if isinstance(module, QUANT_LAYERS):
+            if config.weight_dilation:
+                module.apply_weight_dilation()
+            module.init_weight_quantizers(config.weight_init)
+
+    model.qdistill_config = config
+    model.qdistill_hook = model.register_forward_pre_hook(_route_timesteps, with_kwargs=True)
+    return model
+
+
+def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
+    """Turn fake quantization of weights and/or activations on or off (dilation stays: it is exact)."""
+    for m in model.modules():
+        if isinstance(m, TemporalQuantizer):
+            m.enabled = activations
+        elif isinstance(m, QUANT_LAYERS):
+            for q in m.weight_quantizers:
+                q.enabled = weights
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable[dict], method: str | None = None) -> nn.Module:
+    """Fill every activation table from the model's inputs in `batches` (kwargs dicts for `model(**kw)`).
+
+    Statistics are observed on the floating-point chain (weights unquantized), per timestep of each
+    sample; each table row is then initialised by `method` (default: the config's `act_init`).
+    """
+    config = getattr(model, "qdistill_config", None)
+    if config is None:
+        raise ValueError("calibrate_ needs a model prepared by quantize_")
+    quantizers = [m for m in model.modules() if isinstance(m, TemporalQuantizer)]
+    set_quantization(model, weights=False, activations=False)
+    for q in quantizers:
+        q.observing = True
+    try:
+        for kwargs in batches:
+            model(**kwargs)
+    finally:
+        for q in quantizers:
+            q.observing = False
+        set_quantization(model, weights=True, activations=True)
+    for q in quantizers:
+        q.init_from_observations(method or config.act_init)
+    return model

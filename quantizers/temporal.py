@@ -1,0 +1,147 @@
+"""Temporal Parallel Quantizer (DilateQuant; DESIGN.md §3.4).
+
+An activation quantizer holding a table of (Δ, z), one row per calibrated timestep. Every sample in a
+batch uses the row of its own timestep (a gather by index), so one batch may mix timesteps and all
+timesteps train at once. A timestep never calibrated uses the nearest calibrated one.
+
+The timesteps come from the model's own `timestep` argument: `quantize_` installs a forward pre-hook
+on the model that calls `set_timesteps` (no counters, no globals). Code that runs a single block
+outside the model (the distiller) calls `set_timesteps` on that block itself.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .uniform import check_bits, fake_quant, qrange, search_range
+
+MAX_OBSERVED_VALUES = 16384  # per timestep: a subsample is enough for the range search; extremes are exact
+
+
+class TemporalQuantizer(nn.Module):
+    """Per-tensor activation fake quantizer with one (Δ, z) row per calibrated timestep.
+
+    Modes: `observe` records per-timestep statistics and passes inputs through; `init_from_observations`
+    turns them into the table; then the quantizer fake-quantizes (`enabled = False` passes through).
+    With `per_timestep=False` the table has one row shared by all timesteps (Q-Diffusion, RTN).
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False, per_timestep: bool = True):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.symmetric = symmetric
+        self.per_timestep = per_timestep
+        self.delta = nn.Parameter(torch.ones(1))
+        self.zero = nn.Parameter(torch.zeros(1), requires_grad=not symmetric)
+        self.register_buffer("timesteps", torch.zeros(1))
+        self.enabled = True
+        self.observing = False
+        self._t: torch.Tensor | None = None  # timesteps of the current batch, one per sample
+        self._stats: dict[float, list] = {}
+
+    # -- timestep routing -------------------------------------------------------------------------
+    def set_timesteps(self, t: torch.Tensor | None) -> None:
+        self._t = t
+
+    def rows_for(self, t: torch.Tensor) -> torch.Tensor:
+        """Table row of each timestep: the nearest calibrated timestep."""
+        if self.timesteps.numel() == 1:
+            return torch.zeros(t.shape, dtype=torch.long, device=t.device)
+        dist = (t.to(self.timesteps.dtype)[:, None] - self.timesteps[None, :]).abs()
+        return dist.argmin(dim=1)
+
+    def _per_sample(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """Expand per-sample values to `batch` rows: attention folds heads into the batch (sample-major)."""
+        if t.shape[0] == batch:
+            return t
+        if batch % t.shape[0] == 0:
+            return t.repeat_interleave(batch // t.shape[0])
+        raise ValueError(f"activation batch {batch} is not a multiple of the {t.shape[0]} timesteps given")
+
+    def _current_t(self, batch: int) -> torch.Tensor:
+        if self._t is None:
+            if self.timesteps.numel() == 1 and not self.observing:
+                return torch.zeros(batch, device=self.delta.device)
+            raise RuntimeError(
+                "TemporalQuantizer has no timesteps for this batch: call the model (its `timestep` argument is "
+                "routed by quantize_), or set_timesteps(module, t) before running a block alone"
+            )
+        return self._per_sample(self._t.to(self.delta.device), batch)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observe(x)
+            return x
+        if not self.enabled:
+            return x
+        rows = self.rows_for(self._current_t(x.shape[0]))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        qmin, qmax = qrange(self.bits, self.symmetric)
+        return fake_quant(x, self.delta[rows].view(shape), self.zero[rows].view(shape), qmin, qmax)
+
+    # -- calibration ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor) -> None:
+        t = self._current_t(x.shape[0])
+        keys = t if self.per_timestep else torch.zeros_like(t)
+        flat = x.detach().float().reshape(x.shape[0], -1)
+        for key in keys.unique().tolist():
+            vals = flat[keys == key].reshape(-1)
+            lo, hi, kept = self._stats.get(key, (float("inf"), float("-inf"), []))
+            lo, hi = min(lo, vals.min().item()), max(hi, vals.max().item())
+            if vals.numel() > MAX_OBSERVED_VALUES:
+                vals = vals[torch.randint(vals.numel(), (MAX_OBSERVED_VALUES,), device=vals.device)]
+            kept.append(vals.cpu())
+            total = sum(v.numel() for v in kept)
+            if total > 4 * MAX_OBSERVED_VALUES:  # keep memory bounded: subsample what we hold
+                cat = torch.cat(kept)
+                kept = [cat[torch.randperm(cat.numel())[:MAX_OBSERVED_VALUES]]]
+            self._stats[key] = (lo, hi, kept)
+
+    @torch.no_grad()
+    def init_from_observations(self, method: str = "mse") -> None:
+        """Build the table from what `observe` saw: one row per observed timestep (or one in all)."""
+        if not self._stats:
+            raise RuntimeError("TemporalQuantizer saw no data during calibration (is the layer reachable?)")
+        keys = sorted(self._stats)
+        rows = []
+        for key in keys:
+            lo, hi, kept = self._stats[key]
+            values = torch.cat(kept)
+            if values.numel() > MAX_OBSERVED_VALUES:
+                values = values[torch.randperm(values.numel())[:MAX_OBSERVED_VALUES]]
+            rows.append(search_range(values[None], self.bits, self.symmetric, method,
+                                     lo=torch.tensor([lo]), hi=torch.tensor([hi])))
+        device = self.delta.device
+        self._resize(len(keys))
+        self.delta.copy_(torch.cat([r[0] for r in rows]).to(device))
+        self.zero.copy_(torch.cat([r[1] for r in rows]).to(device))
+        self.timesteps.copy_(torch.tensor(keys, dtype=self.timesteps.dtype, device=device))
+        self._stats = {}
+
+    def _resize(self, rows: int) -> None:
+        if self.delta.numel() == rows:
+            return
+        device = self.delta.device
+        self.delta = nn.Parameter(torch.ones(rows, device=device))
+        self.zero = nn.Parameter(torch.zeros(rows, device=device), requires_grad=not self.symmetric)
+        self.timesteps = torch.zeros(rows, device=device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Tables are sized by calibration; a fresh module takes the size of the state it loads.
+        saved = state_dict.get(prefix + "timesteps")
+        if saved is not None:
+            self._resize(saved.numel())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        rows = self.timesteps.numel()
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, rows={rows}"
+
+
+def set_timesteps(module: nn.Module, t: torch.Tensor | None) -> None:
+    """Route per-sample timesteps to every temporal quantizer inside `module`."""
+    for m in module.modules():
+        if isinstance(m, TemporalQuantizer):
+            m.set_timesteps(t)

@@ -1,0 +1,149 @@
+"""Uniform affine fake quantization with learnable step size (LSQ) and zero point.
+
+    q = clamp(round(x / Δ) + z, qmin, qmax),   x̂ = (q − z) · Δ
+
+Rounding uses a straight-through estimator, so gradients reach x (inside the clipping range), Δ and z.
+The range search helpers here are shared by the weight quantizer (one row per output channel) and the
+temporal activation quantizer (one row per timestep).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    return bits
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer grid: signed for symmetric quantizers, unsigned for asymmetric ones."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.round() - x).detach() + x
+
+
+def fake_quant(x: torch.Tensor, delta: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize; `delta` and `zero` broadcast against `x`."""
+    delta = delta.abs().clamp_min(1e-10)  # a step size trained through zero must not flip the grid
+    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or zero.requires_grad):
+        z = round_ste(zero)
+        q = torch.clamp(round_ste(x / delta) + z, qmin, qmax)
+        return (q - z) * delta
+    # Inference: the same values (round_ste's forward is exact for |x/Δ| < 2^23), in place, fewer passes.
+    z = zero.round()
+    return torch.round(x / delta).add_(z).clamp_(qmin, qmax).sub_(z).mul_(delta)
+
+
+def params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point whose grid covers [lo, hi] (widened to include 0, so 0 is exact)."""
+    qmin, qmax = qrange(bits, symmetric)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    if symmetric:
+        delta = torch.maximum(-lo, hi) / qmax
+        zero = torch.zeros_like(delta)
+    else:
+        delta = (hi - lo) / (qmax - qmin)
+        zero = qmin - torch.round(lo / delta.clamp_min(1e-10))
+    return delta.clamp_min(1e-8), zero
+
+
+@torch.no_grad()
+def search_range(
+    x: torch.Tensor, bits: int, symmetric: bool, method: str = "mse", num_candidates: int = 80, lo=None, hi=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (delta, zero) for `x` of shape [rows, n].
+
+    `minmax` covers each row's full range. `mse` shrinks the range by a factor α ∈ (0, 1] and keeps, per row,
+    the α with the lowest quantization MSE; α = 1 (min/max) is always a candidate, so MSE is never worse.
+    `lo`/`hi` override the row extremes (used when `x` is a subsample of a larger tensor).
+    """
+    x = x.float()
+    lo = x.amin(dim=1) if lo is None else lo.float()
+    hi = x.amax(dim=1) if hi is None else hi.float()
+    if method == "minmax":
+        return params_from_range(lo, hi, bits, symmetric)
+    if method != "mse":
+        raise ValueError(f"range init method must be 'minmax' or 'mse', got {method!r}")
+    qmin, qmax = qrange(bits, symmetric)
+    best_err = torch.full_like(lo, float("inf"))
+    best_delta, best_zero = params_from_range(lo, hi, bits, symmetric)
+    for alpha in torch.linspace(1.0, 0.1, num_candidates).tolist():
+        delta, zero = params_from_range(lo * alpha, hi * alpha, bits, symmetric)
+        err = (fake_quant(x, delta[:, None], zero[:, None], qmin, qmax) - x).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_delta = torch.where(better, delta, best_delta)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_delta, best_zero
+
+
+class UniformQuantizer(nn.Module):
+    """Fake quantizer for one tensor, per tensor or per channel along `channel_axis`.
+
+    Used for weights (per output channel, axis 0). Δ is a learnable parameter (LSQ); for asymmetric
+    quantizers so is z. `enabled = False` passes the input through unchanged.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = 0, num_channels: int = 1):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.symmetric = symmetric
+        self.channel_axis = channel_axis
+        rows = num_channels if channel_axis is not None else 1
+        self.delta = nn.Parameter(torch.ones(rows))
+        if symmetric:
+            self.register_buffer("zero", torch.zeros(rows))
+        else:
+            self.zero = nn.Parameter(torch.zeros(rows))
+        self.enabled = True
+
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, self.symmetric)[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, self.symmetric)[1]
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_axis is None:
+            return x.reshape(1, -1)
+        return x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
+
+    def _broadcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_axis is None:
+            return p.reshape(())
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return p.reshape(shape)
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor, method: str = "minmax") -> None:
+        delta, zero = search_range(self._rows(x), self.bits, self.symmetric, method)
+        self.delta.copy_(delta)
+        self.zero.copy_(zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return fake_quant(x, self._broadcast(self.delta, x), self._broadcast(self.zero, x), self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes q of `x` (what an export packs)."""
+        delta = self._broadcast(self.delta.abs().clamp_min(1e-10), x)
+        zero = self._broadcast(self.zero.round(), x)
+        return torch.clamp(torch.round(x / delta) + zero, self.qmin, self.qmax).to(torch.int16)
+
+    def extra_repr(self) -> str:
+        kind = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {kind}"

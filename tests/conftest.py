@@ -1,0 +1,81 @@
+"""Small diffusers models built from random weights, and helpers shared by the tests."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Differently shaped UNets: attention or not, cross-attention, layers_per_block 1 and 2.
+UNET2D_CONFIGS = {
+    "plain-lpb2": dict(sample_size=16, in_channels=1, out_channels=1, layers_per_block=2,
+                       block_out_channels=(16, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")),
+    "attn-lpb1": dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                      block_out_channels=(16, 32, 32), norm_num_groups=8, attention_head_dim=8,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+}
+UNET_COND_CONFIGS = {
+    "xattn-lpb1": dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                       block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=8,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+    "xattn-lpb2": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                       block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=24, attention_head_dim=4,
+                       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                       up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")),
+}
+
+
+def build_unet(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name in UNET2D_CONFIGS:
+        return UNet2DModel(**UNET2D_CONFIGS[name]).eval()
+    return UNet2DConditionModel(**UNET_COND_CONFIGS[name]).eval()
+
+
+def example_inputs(unet, batch: int = 4, seed: int = 1, timesteps=None) -> dict:
+    """One batch of model inputs; conditional models also get encoder_hidden_states."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    t = torch.tensor(timesteps, dtype=torch.float32) if timesteps is not None else torch.randint(0, 1000, (batch,), generator=g).float()
+    kw = {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": t}
+    if isinstance(unet, UNet2DConditionModel):
+        kw["encoder_hidden_states"] = torch.randn(batch, 5, unet.config.cross_attention_dim, generator=g)
+    return kw
+
+
+def calibration_batches(unet, timesteps=(999, 750, 500, 250, 0), batches: int = 2, batch: int = 4):
+    """Inputs at several timesteps, each batch mixing them."""
+    out = []
+    for i in range(batches):
+        ts = [timesteps[(i * batch + j) % len(timesteps)] for j in range(batch)]
+        out.append(example_inputs(unet, batch, seed=100 + i, timesteps=ts))
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def load_script(name: str):
+    """Import scripts/NAME.py as a module, to call its main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def demo_pipeline_dir(tmp_path):
+    """A small DDPM pipeline saved with save_pretrained, as a user's model folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    path = tmp_path / "model"
+    DDPMPipeline(unet=build_unet("attn-lpb1"), scheduler=DDPMScheduler()).save_pretrained(path)
+    return path
