@@ -52,3 +52,31 @@ class QuantizeRunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class TrajectoryConfig:
+    """scripts/calibrate.py: FP sampler trajectories of a model folder, recorded as sharded datasets."""
+
+    model: str = "bench/teacher"
+    out: str = "runs/trajectories"
+    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    num_steps: int = 50
+    eta: float = 0.0
+    num_samples: int = 256
+    seed: int = 0  # sample i uses seed + i
+    batch_size: int = 32  # one shard per batch; batch i is recorded by rank i % N
+    selection: Literal["all", "uniform", "random"] = "uniform"
+    every: int = 5  # uniform: steps 0, k, 2k, ... of every trajectory (Q-Diffusion)
+    random_per_sample: int = 10  # random: this many distinct steps per trajectory, drawn from its seed (PTQD)
+    prompts: str | None = None  # text-conditional models: text file, JSONL or saved datasets folder
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # > 1: classifier-free guidance, the negative embedding is recorded too
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for key in ("num_steps", "num_samples", "batch_size", "every", "random_per_sample"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.selection == "random" and self.random_per_sample > self.num_steps:
+            raise ValueError(f"random_per_sample ({self.random_per_sample}) exceeds num_steps ({self.num_steps})")

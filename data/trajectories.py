@@ -3,12 +3,13 @@ step, and its noise predictions. Calibration data for quantization (Q-Diffusion 
 
 The loop is diffusers' own: `scheduler.set_timesteps`, `scale_model_input`, `unet(...)`, `scheduler.step`.
 Each sample's starting noise comes from its own seed, so a sample is the same whichever batch or rank
-draws it.
+draws it; stochastic schedulers (DDPM, DDIM η > 0) draw their step noise from a generator seeded by the
+batch, so batches must be formed the same way (see `seed_batches`).
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -24,11 +25,53 @@ def sample_shape(unet) -> tuple[int, int, int]:
     return unet.config.in_channels, h, w
 
 
+def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Fixed batches of the global seed list: the unit of work a rank takes (batch i goes to rank i % N),
+    so results do not depend on the number of ranks."""
+    seeds = list(seeds)
+    return [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
+
+
+@dataclass
+class Conditioning:
+    """What a conditional UNet is given besides (x_t, t), per sample. Guidance (scale > 1 with a negative
+    embedding) runs the unconditional and conditional halves in one batch of 2B, as diffusers pipelines do."""
+
+    encoder_hidden_states: torch.Tensor | None = None  # [B, L, D]
+    negative_encoder_hidden_states: torch.Tensor | None = None  # [B, L, D]
+    class_labels: torch.Tensor | None = None  # [B]
+    guidance_scale: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0 and self.negative_encoder_hidden_states is not None
+
+    def model_kwargs(self) -> dict:
+        kw = dict(self.extra)
+        if self.class_labels is not None:
+            kw["class_labels"] = self.class_labels
+        if self.encoder_hidden_states is not None:
+            kw["encoder_hidden_states"] = (torch.cat([self.negative_encoder_hidden_states, self.encoder_hidden_states])
+                                           if self.guided else self.encoder_hidden_states)
+        return kw
+
+
+def predict_noise(unet, model_input: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
+    """The (guided) noise prediction the sampler uses."""
+    if cond is None:
+        return unet(model_input, t).sample
+    if not cond.guided:
+        return unet(model_input, t, **cond.model_kwargs()).sample
+    uncond, text = unet(torch.cat([model_input, model_input]), t, **cond.model_kwargs()).sample.chunk(2)
+    return uncond + cond.guidance_scale * (text - uncond)
+
+
 @torch.no_grad()
 def run_sampler(unet, scheduler, noise: torch.Tensor, num_steps: int, eta: float = 0.0,
                 on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Denoise `noise` in `num_steps` steps; `on_step(i, t, model_input, noise_pred)` sees every UNet call."""
+                generator: torch.Generator | None = None, cond: Conditioning | None = None) -> torch.Tensor:
+    """Denoise `noise` in `num_steps` steps; `on_step(i, t, model_input, noise_pred)` sees every step."""
     scheduler.set_timesteps(num_steps)
     step_params = inspect.signature(scheduler.step).parameters
     extra = {}
@@ -39,7 +82,7 @@ def run_sampler(unet, scheduler, noise: torch.Tensor, num_steps: int, eta: float
     x = noise * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
-        eps = unet(model_input, t).sample
+        eps = predict_noise(unet, model_input, t, cond)
         if on_step is not None:
             on_step(i, t, model_input, eps)
         x = scheduler.step(eps, t, x, **extra).prev_sample
@@ -54,23 +97,29 @@ class StepRecord:
     timestep: torch.Tensor  # [B]
     sample: torch.Tensor  # [B, C, H, W], the UNet's input
     noise_pred: torch.Tensor  # [B, C, H, W]
+    seeds: list[int] = field(default_factory=list)
 
 
 def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int = 16,
-                        eta: float = 0.0, keep_steps: Sequence[int] | None = None) -> tuple[torch.Tensor, list[StepRecord]]:
-    """Run the sampler on `seeds`; return the final samples and the records of the steps in `keep_steps`
-    (all steps when None)."""
+                        eta: float = 0.0, keep_steps: Sequence[int] | None = None,
+                        cond_for: Callable[[list[int]], Conditioning | None] | None = None,
+                        ) -> tuple[torch.Tensor, list[StepRecord]]:
+    """Run the sampler on `seeds` in fixed batches; return the final samples and the records of the steps
+    in `keep_steps` (all steps when None). `cond_for(batch_seeds)` gives each batch's conditioning."""
     keep = None if keep_steps is None else set(keep_steps)
     finals, records = [], []
     shape = sample_shape(unet)
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
+    for chunk in seed_batches(seeds, batch_size):
 
         def on_step(i, t, model_input, eps):
             if keep is None or i in keep:
-                records.append(StepRecord(i, torch.full((len(chunk),), float(t)), model_input.clone(), eps.clone()))
+                records.append(StepRecord(i, torch.full((len(chunk),), float(t)), model_input.clone(), eps.clone(),
+                                          list(chunk)))
 
-        finals.append(run_sampler(unet, scheduler, seeded_noise(chunk, shape), num_steps, eta, on_step))
+        generator = torch.Generator().manual_seed(int(chunk[0]) + 7919)  # the batch's step noise (DDPM, η > 0)
+        cond = cond_for(chunk) if cond_for is not None else None
+        finals.append(run_sampler(unet, scheduler, seeded_noise(chunk, shape), num_steps, eta, on_step, generator,
+                                  cond))
     return torch.cat(finals), records
 
 
@@ -79,3 +128,11 @@ def uniform_steps(num_steps: int, every: int) -> list[int]:
     if every < 1:
         raise ValueError(f"step interval must be >= 1, got {every}")
     return list(range(0, num_steps, every))
+
+
+def random_steps(seed: int, num_steps: int, count: int) -> list[int]:
+    """PTQD-style random selection: `count` distinct steps of one trajectory, drawn from the sample's seed."""
+    if not 1 <= count <= num_steps:
+        raise ValueError(f"random selection needs 1 <= steps per sample <= {num_steps}, got {count}")
+    perm = torch.randperm(num_steps, generator=torch.Generator().manual_seed(int(seed) + 104729))
+    return sorted(perm[:count].tolist())

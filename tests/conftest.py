@@ -79,3 +79,55 @@ def demo_pipeline_dir(tmp_path):
     path = tmp_path / "model"
     DDPMPipeline(unet=build_unet("attn-lpb1"), scheduler=DDPMScheduler()).save_pretrained(path)
     return path
+
+
+def build_tiny_sd_pipeline(path):
+    """A Stable-Diffusion-shaped pipeline from random weights (UNet2DConditionModel, a tiny CLIP text model
+    with a hand-made tokenizer vocabulary, AutoencoderKL), saved with save_pretrained. Nothing downloaded."""
+    import json
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    words = ["a", "photo", "of", "red", "blue", "shoe", "bag", "dress", "coat", "shirt"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in words:
+        vocab[w + "</w>"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    tok_dir = Path(path) / "_tokenizer_src"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    merges = ["#version: 0.2"]
+    for w in words:  # merges that rebuild each word from its characters
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=32,
+                                                num_attention_heads=2, num_hidden_layers=2,
+                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 8],
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
+    unet = UNet2DConditionModel(**{**UNET_COND_CONFIGS["xattn-lpb1"], "sample_size": 8})
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")

@@ -1,0 +1,122 @@
+"""Recording calibration trajectories from a model folder: the FP sampler run on fixed seeds, the chosen
+steps of every trajectory written as shards (see calibration_set). Under torchrun each rank records its
+own batches; rank 0 writes the manifest once all are done."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
+from .model_folder import ModelFolderError, load_scheduler, load_unet, model_hash, resolve
+from .prompts import load_prompts
+from .trajectories import Conditioning, random_steps, record_trajectories, sample_shape, seed_batches, uniform_steps
+
+
+def selected_steps(cfg, seed: int) -> set[int]:
+    """The steps of sample `seed`'s trajectory that are kept (the documented selection modes)."""
+    if cfg.selection == "all":
+        return set(range(cfg.num_steps))
+    if cfg.selection == "uniform":
+        return set(uniform_steps(cfg.num_steps, cfg.every))
+    return set(random_steps(seed, cfg.num_steps, cfg.random_per_sample))
+
+
+def _load_text_pipeline(path: str):
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+    if not hasattr(pipe, "encode_prompt"):
+        raise ModelFolderError(f"{path}: {type(pipe).__name__} has no encode_prompt; cannot encode prompts")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def conditioning_source(cfg, unet):
+    """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind."""
+    if getattr(unet.config, "num_class_embeds", None):
+        n = unet.config.num_class_embeds
+        return (lambda seeds: Conditioning(class_labels=torch.tensor([s % n for s in seeds]))), "class"
+    if getattr(unet.config, "cross_attention_dim", None) is None:
+        return None, "none"
+    if cfg.prompts is None:
+        raise ModelFolderError(f"{cfg.model}: {type(unet).__name__} is text-conditional; set prompts=FILE "
+                               "(text, JSONL or a saved datasets folder)")
+    prompts = load_prompts(cfg.prompts)
+    pipe = _load_text_pipeline(cfg.model)
+    guided = cfg.guidance_scale != 1.0
+
+    def cond_for(seeds):
+        texts = [prompts[(s - cfg.seed) % len(prompts)] for s in seeds]
+        with torch.no_grad():
+            emb, neg = pipe.encode_prompt(texts, "cpu", 1, guided, [cfg.negative_prompt] * len(texts) if guided else None)
+        return Conditioning(encoder_hidden_states=emb, negative_encoder_hidden_states=neg if guided else None,
+                            guidance_scale=cfg.guidance_scale)
+
+    return cond_for, "text"
+
+
+def _per_sample(cond: Conditioning | None, seeds: list[int]) -> dict[int, Conditioning]:
+    if cond is None:
+        return {}
+    pick = lambda v, j: None if v is None else v[j]  # noqa: E731
+    return {s: Conditioning(pick(cond.encoder_hidden_states, j), pick(cond.negative_encoder_hidden_states, j),
+                            pick(cond.class_labels, j), cond.guidance_scale) for j, s in enumerate(seeds)}
+
+
+def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> dict | None:
+    """Record this rank's shards of the trajectory folder `cfg.out`; rank 0 returns the manifest."""
+    out = Path(cfg.out)
+    if (out / MANIFEST).exists():
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out / MANIFEST} exists: this folder is complete (overwrite=true to record again)")
+        barrier()
+        if rank == 0:
+            (out / MANIFEST).unlink()
+            __import__("shutil").rmtree(out / SHARDS, ignore_errors=True)
+        barrier()
+    resolve(cfg.model)
+    unet = load_unet(cfg.model).eval()
+    scheduler = load_scheduler(cfg.model, cfg.scheduler)
+    cond_for, conditioning = conditioning_source(cfg, unet)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
+    batches = seed_batches(seeds, cfg.batch_size)
+    mine = [i for i in range(len(batches)) if i % world_size == rank]
+    todo = [i for i in mine if not (out / SHARDS / shard_name(i)).is_dir()]
+    if len(todo) < len(mine) and rank == 0:
+        print(f"[calibrate] resuming: {len(mine) - len(todo)} of this rank's {len(mine)} shards already on disk")
+    t0 = time.time()
+    for i in tqdm(todo, desc=f"calibrate rank {rank}", disable=rank != 0, dynamic_ncols=True):
+        chunk = batches[i]
+        conds: dict[int, Conditioning] = {}
+
+        def batch_cond(batch_seeds):
+            cond = cond_for(batch_seeds) if cond_for else None
+            conds.update(_per_sample(cond, batch_seeds))
+            return cond
+
+        _, records = record_trajectories(unet, scheduler, chunk, cfg.num_steps, len(chunk), cfg.eta, None,
+                                         batch_cond if cond_for else None)
+        keep = {s: selected_steps(cfg, s) for s in chunk}
+        write_shard(out, i, rows_from_records(records, keep, conds))
+    seconds = time.time() - t0
+    barrier()
+    if rank != 0:
+        return None
+    c, h, w = sample_shape(unet)
+    info = {
+        "source_model": str(cfg.model), "source_model_hash": model_hash(cfg.model),
+        "model_class": type(unet).__name__,
+        "scheduler": {"class": type(scheduler).__name__, "config": json.loads(json.dumps(dict(scheduler.config), default=str))},
+        "num_steps": cfg.num_steps, "eta": cfg.eta,
+        "seeds": {"start": cfg.seed, "count": cfg.num_samples, "batch_size": cfg.batch_size},
+        "selection": {"mode": cfg.selection, "every": cfg.every, "random_per_sample": cfg.random_per_sample},
+        "conditioning": conditioning, "guidance_scale": cfg.guidance_scale,
+        "prompts": cfg.prompts, "negative_prompt": cfg.negative_prompt,
+        "shapes": {"x_t": [c, h, w], "noise_pred": [c, h, w]}, "dtype": "float32",
+        "recorded_by": {"world_size": world_size, "seconds_rank0": seconds},
+    }
+    return write_manifest(out, len(batches), info)

@@ -1,0 +1,181 @@
+"""Calibration trajectories on disk: `datasets` shards plus a manifest (DESIGN.md §3.1).
+
+Layout of a trajectory folder:
+
+    manifest.json          source model hash, scheduler config, seeds, selection, shapes, dtype, shards
+    shards/shard-00000/    one `datasets` dataset per fixed batch of seeds (save_to_disk)
+    shards/shard-00001/ …
+
+Batch i of the global seed list becomes shard i and is recorded by rank i % N, so the folder is the same
+whatever N is. Shards are written atomically (temporary folder, then rename); the manifest is written
+last, by rank 0, so a folder without one is an unfinished run, and running again resumes it: shards
+already on disk are kept.
+
+Rows are one UNet input each: sample_id (the seed), step, timestep, x_t, the FP noise prediction (the
+guided one under classifier-free guidance), and the conditioning when the model takes one: class_label,
+or encoder_hidden_states plus negative_encoder_hidden_states for guidance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from .trajectories import Conditioning, StepRecord
+
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+FORMAT_VERSION = 1
+
+
+class CalibrationSetError(ValueError):
+    """A trajectory folder is incomplete, corrupted or recorded from another model; names the file."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _features(example: dict[str, np.ndarray]) -> datasets.Features:
+    def array(a):
+        cls = {1: datasets.Sequence, 2: datasets.Array2D, 3: datasets.Array3D, 4: datasets.Array4D}[a.ndim]
+        return datasets.Sequence(datasets.Value("float32"), length=a.shape[0]) if a.ndim == 1 else \
+            cls(shape=a.shape, dtype="float32")
+
+    feats = {"sample_id": datasets.Value("int64"), "step": datasets.Value("int32"),
+             "timestep": datasets.Value("float32")}
+    for key, value in example.items():
+        if key in feats:
+            continue
+        feats[key] = datasets.Value("int64") if key == "class_label" else array(value)
+    return datasets.Features(feats)
+
+
+def rows_from_records(records: list[StepRecord], keep: dict[int, set[int]] | None,
+                      cond_rows: dict[int, Conditioning] | None = None) -> dict[str, list]:
+    """Flatten batched records into rows; `keep[seed]` limits the steps kept per sample (None: all)."""
+    rows: dict[str, list] = {"sample_id": [], "step": [], "timestep": [], "x_t": [], "noise_pred": []}
+    for r in records:
+        for j, seed in enumerate(r.seeds):
+            if keep is not None and r.step not in keep[seed]:
+                continue
+            rows["sample_id"].append(seed)
+            rows["step"].append(r.step)
+            rows["timestep"].append(float(r.timestep[j]))
+            rows["x_t"].append(r.sample[j].numpy())
+            rows["noise_pred"].append(r.noise_pred[j].numpy())
+            cond = cond_rows.get(seed) if cond_rows else None
+            if cond is not None:
+                for key, value in (("class_label", cond.class_labels),
+                                   ("encoder_hidden_states", cond.encoder_hidden_states),
+                                   ("negative_encoder_hidden_states", cond.negative_encoder_hidden_states)):
+                    if value is not None:
+                        rows.setdefault(key, []).append(int(value) if key == "class_label" else value.numpy())
+    return rows
+
+
+def write_shard(root: str | Path, index: int, rows: dict[str, list]) -> Path:
+    """Save one shard atomically."""
+    shards = Path(root) / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    final = shards / shard_name(index)
+    tmp = shards / f".{shard_name(index)}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    example = {k: v[0] for k, v in rows.items()}
+    datasets.Dataset.from_dict(rows, features=_features(example)).save_to_disk(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _shard_files(shard: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(shard.glob("*.arrow"))}
+
+
+def write_manifest(root: str | Path, num_shards: int, info: dict) -> dict:
+    """Rank 0, after every rank finished: check all shards exist, then write the manifest (last, atomically)."""
+    root = Path(root)
+    shards = []
+    for i in range(num_shards):
+        path = root / SHARDS / shard_name(i)
+        if not path.is_dir():
+            raise CalibrationSetError(f"shard {path} was not written (a rank failed?); run again to resume")
+        rows = len(datasets.load_from_disk(str(path)))
+        shards.append({"name": shard_name(i), "rows": rows, "files": _shard_files(path)})
+    manifest = {"format": FORMAT_VERSION, **info, "num_rows": sum(s["rows"] for s in shards), "shards": shards}
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, root / MANIFEST)
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise CalibrationSetError(f"{path} not found: not a trajectory folder, or its recording did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise CalibrationSetError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CalibrationSetError(f"{path}: unsupported format {manifest.get('format')!r}")
+    return manifest
+
+
+def check_model(manifest: dict, model_hash: str, root: str | Path) -> None:
+    if manifest["source_model_hash"] != model_hash:
+        raise CalibrationSetError(
+            f"{Path(root) / MANIFEST} was recorded from model {manifest['source_model']} "
+            f"(hash {manifest['source_model_hash'][:12]}), not from the given model (hash {model_hash[:12]})")
+
+
+def load_shards(root: str | Path, rank: int = 0, world_size: int = 1, model_hash: str | None = None
+                ) -> datasets.Dataset:
+    """This rank's shards (shard i belongs to rank i % world_size), verified against the manifest, as one
+    torch-formatted dataset."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if model_hash is not None:
+        check_model(manifest, model_hash, root)
+    if len(manifest["shards"]) < world_size:
+        raise CalibrationSetError(f"{root} has {len(manifest['shards'])} shards, fewer than the {world_size} ranks "
+                                  "that must each read their own; record with a smaller batch_size")
+    parts = []
+    for shard in manifest["shards"][rank::world_size]:
+        path = root / SHARDS / shard["name"]
+        if not path.is_dir():
+            raise CalibrationSetError(f"shard {path} listed in the manifest is missing")
+        if _shard_files(path) != shard["files"]:
+            raise CalibrationSetError(f"shard {path} does not match the manifest (truncated or rewritten): "
+                                      f"files {_shard_files(path)} != {shard['files']}")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # arrow raises a variety of errors on a damaged file
+            raise CalibrationSetError(f"shard {path} cannot be read: {e}") from None
+        if len(ds) != shard["rows"]:
+            raise CalibrationSetError(f"shard {path} has {len(ds)} rows, the manifest says {shard['rows']}")
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts).with_format("torch")
+
+
+def to_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of rows → kwargs for the UNet (guidance rows become a 2B batch: [uncond, cond])."""
+    kw = {"sample": batch["x_t"], "timestep": batch["timestep"]}
+    if "class_label" in batch:
+        kw["class_labels"] = batch["class_label"]
+    if "encoder_hidden_states" in batch:
+        if "negative_encoder_hidden_states" in batch:
+            kw["sample"] = torch.cat([kw["sample"]] * 2)
+            kw["timestep"] = torch.cat([kw["timestep"]] * 2)
+            kw["encoder_hidden_states"] = torch.cat([batch["negative_encoder_hidden_states"],
+                                                     batch["encoder_hidden_states"]])
+        else:
+            kw["encoder_hidden_states"] = batch["encoder_hidden_states"]
+    return kw

@@ -1,0 +1,126 @@
+"""Training the bench teacher: an unconditional DDPM (diffusers UNet2DModel + DDPMScheduler, EMA weights)
+on Fashion-MNIST. Resumable: a checkpoint (model, EMA, optimizer, RNG, data position) is written
+atomically every `checkpoint_every` steps, and a run folder that holds one continues from it."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from ..data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from .checkpoint import atomic_dir
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TeacherConfig:
+    out: str = "runs/teacher"  # checkpoints and TensorBoard logs
+    export: str = "bench/teacher"  # the finished DDPM pipeline (EMA weights), save_pretrained
+    data_root: str = str(DEFAULT_ROOT)
+    steps: int = 10000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 300
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"])
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+
+    def __post_init__(self):
+        if len(self.down_block_types) != len(self.block_out_channels) or len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("block_out_channels, down_block_types and up_block_types must have the same length")
+
+
+def build_teacher(cfg: TeacherConfig) -> tuple[UNet2DModel, DDPMScheduler]:
+    unet = UNet2DModel(sample_size=32, in_channels=1, out_channels=1, layers_per_block=cfg.layers_per_block,
+                       block_out_channels=tuple(cfg.block_out_channels), norm_num_groups=8, attention_head_dim=8,
+                       down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types))
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    return unet, scheduler
+
+
+def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """The data position is a function of the step: epoch e is a fixed permutation of seed + e."""
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def train_teacher(cfg: TeacherConfig) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, _ = load_fashion_mnist("train", cfg.data_root)
+    torch.manual_seed(cfg.seed)
+    unet, scheduler = build_teacher(cfg)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_000)
+    step = 0
+    ckpt = out / CHECKPOINT
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        gen.set_state(state["generator"])
+        step = state["step"]
+        print(f"[teacher] resumed from {ckpt} at step {step}")
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=step)
+    unet.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    while step < cfg.steps:
+        x0 = images[_batch_indices(step, cfg.batch_size, len(images), cfg.seed)]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=gen)
+        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        step += 1
+        seen += x0.shape[0]
+        bar.update(1)
+        if step % 25 == 0:
+            writer.add_scalar("train/loss", loss.item(), step)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            writer.add_scalar("train/samples_per_s", seen / (time.time() - t0), step)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"model": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                     "lr_scheduler": sched.state_dict(), "generator": gen.get_state(), "step": step}
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    writer.close()
+
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    with atomic_dir(cfg.export) as tmp:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
+    return Path(cfg.export)
