@@ -1,0 +1,29 @@
+"""Quality of a sampler on the bench: Fréchet distance of its samples to the Fashion-MNIST test split in
+the bench classifier's feature space, and the classifier's label distribution over the samples."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.fashion_mnist import CLASSES
+from ..data.trajectories import record_trajectories
+from .bench_classifier import BenchClassifier, load_test_stats
+from .frechet import frechet_distance
+
+
+def sample_images(unet, scheduler, seeds, num_steps: int, batch_size: int = 100, eta: float = 0.0) -> torch.Tensor:
+    """Final samples for `seeds` (fixed batches of seeds, as everywhere in qdistill), in [-1, 1]."""
+    images, _ = record_trajectories(unet, scheduler, list(seeds), num_steps, batch_size, eta, keep_steps=[])
+    return images.clamp(-1, 1)
+
+
+@torch.no_grad()
+def bench_quality(images: torch.Tensor, classifier_dir: str | Path) -> dict:
+    """FD to the test split (stored statistics) and the predicted class shares of `images`."""
+    classifier = BenchClassifier.load(classifier_dir)
+    fd = frechet_distance(classifier.features, images, load_test_stats(classifier_dir))
+    preds = torch.cat([classifier(x).argmax(1) for x in images.split(500)])
+    shares = torch.bincount(preds, minlength=len(CLASSES)).float() / len(preds)
+    return {"fd": fd, "class_shares": {name: round(float(s), 4) for name, s in zip(CLASSES, shares)},
+            "min_class_share": float(shares.min())}

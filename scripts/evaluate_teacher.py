@@ -1,0 +1,48 @@
+"""Measure the bench teacher: FD of N DDIM samples to the Fashion-MNIST test split (bench classifier
+features), the classifier's label distribution over them, and a sample grid.
+
+    python scripts/evaluate_teacher.py --model bench/teacher --classifier bench/classifier \
+        --num-samples 1000 --steps 50 --out bench/teacher_record.json --grid bench/teacher_samples.png
+"""
+import argparse
+import json
+import sys
+import time
+
+from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet
+from qdistill.evaluation.bench import bench_quality, sample_images
+from qdistill.evaluation.fidelity import save_grid
+from qdistill.trainer.checkpoint import atomic_write_text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench/teacher")
+    parser.add_argument("--classifier", default="bench/classifier")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=100_000)
+    parser.add_argument("--out", default=None, help="write the record as JSON here")
+    parser.add_argument("--grid", default=None, help="write a grid of the first 64 samples here")
+    args = parser.parse_args(argv)
+    try:
+        unet = load_unet(args.model).eval()
+        scheduler = load_scheduler(args.model, "ddim")
+    except ModelFolderError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    images = sample_images(unet, scheduler, range(args.seed, args.seed + args.num_samples), args.steps)
+    record = {"model": args.model, "num_samples": args.num_samples, "sampler": f"DDIM {args.steps} steps eta=0",
+              "seeds": [args.seed, args.seed + args.num_samples], "sampling_seconds": round(time.time() - t0, 1),
+              **bench_quality(images, args.classifier)}
+    print(json.dumps(record, indent=2))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    if args.grid:
+        save_grid([images[:64]], args.grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
