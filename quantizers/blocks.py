@@ -1,9 +1,10 @@
 """Distillation blocks of a diffusers model (DESIGN.md §3.5), found from the module tree.
 
-A block is a module of one of the diffusers block types (the time embedding, every ResnetBlock2D,
-every attention / Transformer2DModel, every Down/Upsample) or, outside those, a parameterised leaf
-(conv_in, conv_out); a parameterised norm leaf joins the block after it (conv_norm_out + conv_out is
-the output head). Only blocks holding a Conv2d or Linear are returned: the rest has nothing to learn.
+A block is one module, called once per model forward, so that it can be run on its own from captured
+inputs: a module of one of the diffusers block types (the time embedding, every ResnetBlock2D, every
+attention / Transformer2DModel, every Down/Upsample) or, outside those, a parameterised leaf (conv_in;
+conv_out, the output head). Only blocks holding a Conv2d or Linear are returned: norm leaves outside
+blocks (conv_norm_out) and embeddings have nothing quantized, and stay as the FP model has them.
 """
 from __future__ import annotations
 
@@ -19,27 +20,14 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 BLOCK_TYPES = (TimestepEmbedding, ResnetBlock2D, Transformer2DModel, Attention, Downsample2D, Upsample2D)
-NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 
 
 @dataclass
 class Block:
-    """One distillation unit: its input is the first module's input, its output the last one's output."""
+    """One distillation unit: a named module of the model."""
 
     name: str
-    modules: list[tuple[str, nn.Module]]
-
-    @property
-    def first(self) -> nn.Module:
-        return self.modules[0][1]
-
-    @property
-    def last(self) -> nn.Module:
-        return self.modules[-1][1]
-
-    def parameters(self):
-        for _, m in self.modules:
-            yield from m.parameters()
+    module: nn.Module
 
 
 def find_blocks(model: nn.Module, example_inputs: dict | None = None) -> list[Block]:
@@ -60,17 +48,8 @@ def find_blocks(model: nn.Module, example_inputs: dict | None = None) -> list[Bl
             visit(f"{name}.{child_name}" if name else child_name, child)
 
     visit("", model)
-
-    blocks: list[Block] = []
-    pending: list[tuple[str, nn.Module]] = []  # norm leaves waiting for the block they feed
-    for name, module in found:
-        if isinstance(module, NORM_TYPES):
-            pending.append((name, module))
-            continue
-        members = pending + [(name, module)]
-        pending = []
-        if any(isinstance(m, (nn.Conv2d, nn.Linear)) for _, mod in members for m in mod.modules()):
-            blocks.append(Block(name, members))
+    blocks = [Block(name, module) for name, module in found
+              if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())]
 
     if example_inputs is not None:
         order: dict[int, int] = {}
@@ -80,7 +59,7 @@ def find_blocks(model: nn.Module, example_inputs: dict | None = None) -> list[Bl
                 order.setdefault(key, len(order))  # returns None: the inputs are left alone
             return hook
 
-        hooks = [b.first.register_forward_pre_hook(first_call(id(b))) for b in blocks]
+        hooks = [b.module.register_forward_pre_hook(first_call(id(b))) for b in blocks]
         try:
             with torch.no_grad():
                 model(**example_inputs)

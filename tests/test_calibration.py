@@ -169,3 +169,32 @@ def test_prompt_sources(tmp_path):
         load_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match="prompt file not found"):
         load_prompts(tmp_path / "none.txt")
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpm"])
+def test_other_schedulers_record_model_inputs(demo_pipeline_dir, tmp_path, scheduler):
+    record_calibration_set(cfg_for(demo_pipeline_dir, tmp_path / "t", scheduler=scheduler, eta=1.0, num_steps=5,
+                                   selection="all"))
+    manifest = read_manifest(tmp_path / "t")
+    assert manifest["scheduler"]["class"] == {"ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler"}[scheduler]
+    ds = load_shards(tmp_path / "t")
+    assert len(ds) == 3 * 5 and len(set(ds["timestep"][:].tolist())) == 5
+    unet = load_unet(demo_pipeline_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(unet(**to_model_inputs(ds[:3])).sample, ds[:3]["noise_pred"], atol=1e-5)
+
+
+def test_class_conditional_model_records_labels(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from conftest import UNET2D_CONFIGS
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**UNET2D_CONFIGS["plain-lpb2"], num_class_embeds=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")
+    record_calibration_set(cfg_for(tmp_path / "m", tmp_path / "t", num_samples=5, batch_size=5, num_steps=3))
+    assert read_manifest(tmp_path / "t")["conditioning"] == "class"
+    ds = load_shards(tmp_path / "t")
+    assert ds["class_label"][:].tolist() == [s % 4 for s in ds["sample_id"][:].tolist()]
+    with torch.no_grad():
+        assert torch.allclose(unet.eval()(**to_model_inputs(ds[:5])).sample, ds[:5]["noise_pred"], atol=1e-5)
