@@ -80,3 +80,44 @@ class TrajectoryConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.selection == "random" and self.random_per_sample > self.num_steps:
             raise ValueError(f"random_per_sample ({self.random_per_sample}) exceeds num_steps ({self.num_steps})")
+
+
+@dataclass
+class DistillConfig:
+    """Block-wise knowledge distillation (DESIGN.md §3.5). The paper's recipe: batch 32, 5K iterations."""
+
+    iterations: int = 5000  # per block
+    batch_size: int = 32  # global, in calibration rows; split evenly over ranks
+    lr_weights: float = 1e-5  # full weights
+    lr_quant: float = 1e-4  # weight step sizes and zero points, TPQ tables
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    block_input: Literal["quantized", "fp"] = "quantized"  # DilateQuant trains on the quantized chain's input
+    cache_mb: int = 2048  # per rank: block inputs/targets of all rows cached if they fit, else recomputed per batch
+    init_rows: int = 1024  # calibration rows (from all shards, strided) for the per-timestep TPQ init
+    checkpoint_every: int = 500  # iterations inside a block; a checkpoint is also written after every block
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("iterations", "batch_size", "init_rows", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr_weights", "lr_quant"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    """scripts/train.py: Weight Dilation + TPQ + BKD of a model folder on its calibration trajectories."""
+
+    model: str = "bench/teacher"
+    trajectories: str = "runs/trajectories"  # recorded by scripts/calibrate.py from the same model
+    out: str = "runs/dilatequant-w4a4"
+    recipe: str = "dilatequant"
+    deepspeed: str = "zero2.json"  # a DeepSpeed JSON: a path, or a file name in qdistill's configs folder
+    overwrite: bool = False  # start over even if `out` holds a checkpoint (default: resume from it)
+    threads: int | None = None  # torch threads per rank (torchrun sets 1)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -140,6 +140,12 @@ def load_shards(root: str | Path, rank: int = 0, world_size: int = 1, model_hash
                 ) -> datasets.Dataset:
     """This rank's shards (shard i belongs to rank i % world_size), verified against the manifest, as one
     torch-formatted dataset."""
+    return datasets.concatenate_datasets(load_shard_list(root, rank, world_size, model_hash)).with_format("torch")
+
+
+def load_shard_list(root: str | Path, rank: int = 0, world_size: int = 1, model_hash: str | None = None
+                    ) -> list[datasets.Dataset]:
+    """This rank's shards, each its own torch-formatted dataset, in shard order."""
     root = Path(root)
     manifest = read_manifest(root)
     if model_hash is not None:
@@ -161,8 +167,8 @@ def load_shards(root: str | Path, rank: int = 0, world_size: int = 1, model_hash
             raise CalibrationSetError(f"shard {path} cannot be read: {e}") from None
         if len(ds) != shard["rows"]:
             raise CalibrationSetError(f"shard {path} has {len(ds)} rows, the manifest says {shard['rows']}")
-        parts.append(ds)
-    return datasets.concatenate_datasets(parts).with_format("torch")
+        parts.append(ds.with_format("torch"))
+    return parts
 
 
 def to_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,3 +46,23 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, nrow: int = 8) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
     return path
+
+
+def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: int = 16, eta: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sample FP and quantized models from the same seeds with the same sampler (unconditional models).
+    Returns both final batches and the metrics: mean PSNR of the quantized samples against FP, and the
+    per-step noise-prediction MSE on the FP trajectory's inputs."""
+    from ..data.trajectories import record_trajectories, run_sampler, sample_shape, seed_batches, seeded_noise
+
+    seeds = list(seeds)
+    fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta)
+    shape = sample_shape(fp_unet)
+    q_final = torch.cat([run_sampler(qunet, scheduler, seeded_noise(chunk, shape), num_steps, eta,
+                                     generator=torch.Generator().manual_seed(int(chunk[0]) + 7919))
+                         for chunk in seed_batches(seeds, batch_size)])
+    eps_mse = noise_pred_mse(qunet, fp_records)
+    metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
+               "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
+               "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}
+    return fp_final, q_final, metrics

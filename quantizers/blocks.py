@@ -2,8 +2,9 @@
 
 A block is one module, called once per model forward, so that it can be run on its own from captured
 inputs: a module of one of the diffusers block types (the time embedding, every ResnetBlock2D, every
-attention / Transformer2DModel, every Down/Upsample) or, outside those, a parameterised leaf (conv_in;
-conv_out, the output head). Only blocks holding a Conv2d or Linear are returned: norm leaves outside
+attention / Transformer2DModel, every Down/Upsample) or, outside those, a Conv2d/Linear (conv_in; conv_out,
+the output head; quantized or not, so a model and its quantized copy have the same blocks) or another
+parameterised leaf. Only blocks holding a Conv2d or Linear are returned: norm leaves outside
 blocks (conv_norm_out) and embeddings have nothing quantized, and stay as the FP model has them.
 """
 from __future__ import annotations
@@ -41,7 +42,8 @@ def find_blocks(model: nn.Module, example_inputs: dict | None = None) -> list[Bl
 
     def visit(name: str, module: nn.Module) -> None:
         children = list(module.named_children())
-        if isinstance(module, BLOCK_TYPES) or (not children and any(True for _ in module.parameters(recurse=False))):
+        if isinstance(module, BLOCK_TYPES + (nn.Conv2d, nn.Linear)) or (
+                not children and any(True for _ in module.parameters(recurse=False))):
             found.append((name, module))
             return
         for child_name, child in children:

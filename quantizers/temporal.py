@@ -105,18 +105,21 @@ class TemporalQuantizer(nn.Module):
         if not self._stats:
             raise RuntimeError("TemporalQuantizer saw no data during calibration (is the layer reachable?)")
         keys = sorted(self._stats)
-        rows = []
+        samples = []
         for key in keys:
-            lo, hi, kept = self._stats[key]
-            values = torch.cat(kept)
+            values = torch.cat(self._stats[key][2])
             if values.numel() > MAX_OBSERVED_VALUES:
                 values = values[torch.randperm(values.numel())[:MAX_OBSERVED_VALUES]]
-            rows.append(search_range(values[None], self.bits, self.symmetric, method,
-                                     lo=torch.tensor([lo]), hi=torch.tensor([hi])))
+            samples.append(values)
+        n = min(v.numel() for v in samples)  # one search over all rows at once: equal-length subsamples
+        values = torch.stack([v[torch.randperm(v.numel())[:n]] if v.numel() > n else v for v in samples])
+        lo = torch.tensor([self._stats[key][0] for key in keys])
+        hi = torch.tensor([self._stats[key][1] for key in keys])
+        delta, zero = search_range(values, self.bits, self.symmetric, method, lo=lo, hi=hi)
         device = self.delta.device
         self._resize(len(keys))
-        self.delta.copy_(torch.cat([r[0] for r in rows]).to(device))
-        self.zero.copy_(torch.cat([r[1] for r in rows]).to(device))
+        self.delta.copy_(delta.to(device))
+        self.zero.copy_(zero.to(device))
         self.timesteps.copy_(torch.tensor(keys, dtype=self.timesteps.dtype, device=device))
         self._stats = {}
 

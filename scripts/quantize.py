@@ -23,8 +23,8 @@ import torch
 from qdistill.configs import ConfigError, load_config, to_dict
 from qdistill.configs.schema import QuantizeRunConfig
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet, model_hash
-from qdistill.data.trajectories import record_trajectories, run_sampler, sample_shape, seeded_noise, uniform_steps
-from qdistill.evaluation.fidelity import noise_pred_mse, psnr, save_grid
+from qdistill.data.trajectories import record_trajectories, uniform_steps
+from qdistill.evaluation.fidelity import compare_to_fp, save_grid
 from qdistill.quantizers import calibrate_, quantize_
 from qdistill.trainer.checkpoint import atomic_write_text, save_quantized
 
@@ -75,20 +75,13 @@ def main(argv=None) -> int:
 
     # 4. fidelity to FP on the same seeds
     s = cfg.sampling
-    seeds = list(range(s.seed, s.seed + s.num_samples))
-    fp_final, fp_records = record_trajectories(fp, eval_scheduler, seeds, s.num_steps, s.batch_size, s.eta)
-    shape = sample_shape(fp)
-    q_final = torch.cat([run_sampler(qunet, eval_scheduler, seeded_noise(seeds[i:i + s.batch_size], shape),
-                                     s.num_steps, s.eta) for i in range(0, len(seeds), s.batch_size)])
-    eps_mse = noise_pred_mse(qunet, fp_records)
+    fp_final, q_final, fidelity = compare_to_fp(fp, qunet, eval_scheduler, range(s.seed, s.seed + s.num_samples),
+                                                s.num_steps, s.batch_size, s.eta)
     metrics = {
         "recipe": cfg.recipe,
         "bits": f"W{cfg.quant.weight_bits}A{cfg.quant.act_bits}",
-        "psnr_db": float(psnr(q_final, fp_final).mean()),
-        "noise_pred_mse_mean": float(sum(eps_mse.values()) / len(eps_mse)),
-        "noise_pred_mse_per_step": eps_mse,
+        **fidelity,
         "calibration_seconds": calib_seconds,
-        "num_samples": s.num_samples,
         "sampler": f"{s.scheduler} {s.num_steps} steps eta={s.eta}",
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

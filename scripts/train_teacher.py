@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(TeacherConfig, args.config, args.overrides)
         path = train_teacher(cfg)
-    except (ConfigError, DatasetMissingError) as e:
+    except (ConfigError, DatasetMissingError, ValueError, OSError) as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
     print(f"[teacher] saved {path}")

@@ -25,6 +25,7 @@ CHECKPOINT = "checkpoint.pt"
 class TeacherConfig:
     out: str = "runs/teacher"  # checkpoints and TensorBoard logs
     export: str = "bench/teacher"  # the finished DDPM pipeline (EMA weights), save_pretrained
+    init: str = ""  # optional pipeline folder whose UNet weights start a new run (to continue a finished one)
     data_root: str = str(DEFAULT_ROOT)
     steps: int = 10000
     batch_size: int = 64
@@ -70,6 +71,12 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     images, _ = load_fashion_mnist("train", cfg.data_root)
     torch.manual_seed(cfg.seed)
     unet, scheduler = build_teacher(cfg)
+    if cfg.init:
+        start = UNet2DModel.from_pretrained(cfg.init, subfolder="unet")
+        public = lambda c: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+        if public(start.config) != public(unet.config):
+            raise ValueError(f"init={cfg.init}: its UNet config differs from this run's (block_out_channels, ...)")
+        unet.load_state_dict(start.state_dict())
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))

@@ -1,0 +1,317 @@
+"""Block-wise distillation on DeepSpeed (CPU, gloo): rank-count invariance, kill-and-resume, TPQ behaviour,
+TensorBoard output, checkpoint damage, divergence guard, a text-conditional pipeline on 2 ranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
+
+from conftest import REPO, load_script
+
+TRAIN = str(REPO / "scripts" / "train.py")
+STATE = Path("quantized") / "quantized_state.safetensors"
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    # like a trained model: no parameter sits at exactly zero or one (Adam's first steps are sign-like, and a
+    # bias whose gradient is near zero would move by ±lr on float noise alone)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """A tiny DDPM pipeline and its calibration trajectories: 8 seeds x 5 of 10 DDIM steps, 4 shards."""
+    root = tmp_path_factory.mktemp("distill")
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(root / "model")
+    rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={root / 'model'}",
+                                        f"out={root / 'traj'}", "num_samples=8", "batch_size=2", "num_steps=10",
+                                        "every=2"])
+    assert rc == 0
+    return root
+
+
+def train_args(bench: Path, out: Path, *overrides: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={bench / 'model'}",
+            f"trajectories={bench / 'traj'}", f"out={out}", "quant.weight_bits=4", "quant.act_bits=4",
+            "distill.iterations=6", "distill.batch_size=4", "distill.checkpoint_every=3", "distill.init_rows=40",
+            "distill.lr_weights=1e-4", "distill.lr_quant=1e-4", "distill.log_every=1",
+            "sampling.num_samples=2", "sampling.num_steps=4", "threads=1", *overrides]
+
+
+def launch(args: list[str], nproc: int = 1, extra_torchrun: tuple = (), wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1 and not extra_torchrun:
+        cmd = [sys.executable, TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra_torchrun, TRAIN, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def trained_state(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / STATE))
+
+
+def assert_states_close(a: dict, b: dict, rtol: float) -> float:
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for k in a:
+        scale = max(a[k].abs().max().item(), 1e-8)
+        worst = max(worst, (a[k] - b[k]).abs().max().item() / scale)
+    assert worst <= rtol, f"largest relative difference {worst:.3e} > {rtol}"
+    return worst
+
+
+# Rank-count invariance is a property of the data-parallel machinery, so it is checked with FP block inputs:
+# with quantized inputs, every block reads the output of the quantized blocks before it, and float-rounding
+# differences between 1 and 2 ranks flip roundings that later blocks amplify (a real but chaotic
+# difference). With FP inputs, ranks average gradients in another order than one rank sums them: float
+# rounding, which Adam and LSQ carry forward a little. Anything else (a sample seen twice or not at all,
+# unsynchronised parameters, gradients summed instead of averaged) moves parameters by orders of magnitude
+# more.
+RANK_TOLERANCE = 1e-3
+FP_INPUTS = "distill.block_input=fp"
+
+
+@pytest.fixture(scope="module")
+def reference_run(bench):
+    """One rank, ZeRO 0, FP block inputs: the reference every other rank count and ZeRO stage is compared with."""
+    out = bench / "runs" / "1rank-zero0"
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS))
+    assert rc == 0, log
+    return out, log
+
+
+@pytest.fixture(scope="module")
+def two_rank_zero2(bench):
+    out = bench / "runs" / "2rank-zero2"
+    rc, log = launch(train_args(bench, out, "deepspeed=zero2.json", FP_INPUTS), nproc=2)
+    assert rc == 0, log
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized_inputs_run(bench):
+    """The default recipe: each quantized block learns from the quantized chain's output (one rank)."""
+    out = bench / "runs" / "quantized-inputs"
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json"))
+    assert rc == 0, log
+    return out, log
+
+
+def test_two_ranks_zero0_match_one_rank(bench, reference_run):
+    out = bench / "runs" / "2rank-zero0"
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS), nproc=2)
+    assert rc == 0, log
+    assert_states_close(trained_state(out), trained_state(reference_run[0]), RANK_TOLERANCE)
+
+
+def test_two_ranks_zero2_match_one_rank(reference_run, two_rank_zero2):
+    assert_states_close(trained_state(two_rank_zero2), trained_state(reference_run[0]), RANK_TOLERANCE)
+
+
+def test_quantized_inputs_differ_from_fp_inputs_after_the_first_block(reference_run, quantized_inputs_run):
+    fp = json.loads((reference_run[0] / "metrics.json").read_text())["blocks"]
+    q = json.loads((quantized_inputs_run[0] / "metrics.json").read_text())["blocks"]
+    assert fp[0]["first_loss"] == pytest.approx(q[0]["first_loss"], rel=1e-6)  # both read the model's input
+    later = [abs(a["first_loss"] - b["first_loss"]) / a["first_loss"] for a, b in zip(fp[3:], q[3:])]
+    assert max(later) > 1e-3
+
+
+def test_training_moves_parameters_and_lowers_block_losses(quantized_inputs_run):
+    out, log = quantized_inputs_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    blocks = metrics["blocks"]
+    assert len(blocks) >= 10 and all(b["iterations"] == 6 for b in blocks)
+    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in blocks)
+    assert "block 1/" in log and "loss" in log  # the one-line summary per block
+
+
+def _kill_a_worker_mid_block(proc: subprocess.Popen, out: Path) -> int:
+    """Wait for a mid-block checkpoint of a later block, then SIGKILL one training worker."""
+    progress = out / "checkpoint" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            p = json.loads(progress.read_text())
+            if p["block_index"] >= 2 and p["iteration"] > 0:
+                break
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be interrupted")
+        time.sleep(0.02)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if TRAIN in " ".join(c.cmdline())]
+    assert workers, "no training worker found"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    return p["block_index"]
+
+
+def test_sigkill_and_torchrun_restart_resume_to_the_same_result(bench, two_rank_zero2):
+    out = bench / "runs" / "killed"
+    proc = launch(train_args(bench, out, "deepspeed=zero2.json", FP_INPUTS), nproc=2,
+                  extra_torchrun=("--max-restarts=1",),
+                  wait=False)
+    killed_at = _kill_a_worker_mid_block(proc, out)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    assert f"resuming at block {killed_at + 1}" in log
+    assert_states_close(trained_state(out), trained_state(two_rank_zero2), 1e-6)
+
+
+def test_explicit_restart_resumes_from_the_last_checkpoint(bench, quantized_inputs_run):
+    """A plain second run in the same folder picks up where the first stopped (here: finished blocks only)."""
+    out = bench / "runs" / "resume-plain"
+    proc = launch(train_args(bench, out, "deepspeed=zero0.json"), wait=False)
+    victim = psutil.Process(proc.pid)
+    progress = out / "checkpoint" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["block_index"] >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    victim.send_signal(signal.SIGKILL)
+    proc.wait()
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json"))
+    assert rc == 0, log
+    assert "resuming at block" in log
+    assert_states_close(trained_state(out), trained_state(quantized_inputs_run[0]), 1e-6)
+
+
+def test_tpq_tables_are_trained_per_timestep_and_mixed_batches_match(bench, quantized_inputs_run):
+    from qdistill.quantizers import TemporalQuantizer
+    from qdistill.trainer.checkpoint import load_quantized
+
+    student = load_quantized(quantized_inputs_run[0] / "quantized")
+    tables = [m for m in student.modules() if isinstance(m, TemporalQuantizer) and m.timesteps.numel() > 1]
+    assert tables and all(m.timesteps.numel() == 5 for m in tables)  # 5 calibrated timesteps
+    spread = [(m.delta.max() / m.delta.min()).item() for m in tables]
+    assert max(spread) > 1.5  # rows really differ across timesteps
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.tensor([901.0, 501.0, 101.0, 1.0])
+    with torch.no_grad():
+        mixed = student(x, t).sample
+        one_by_one = torch.cat([student(x[i:i + 1], t[i:i + 1]).sample for i in range(4)])
+    assert torch.allclose(mixed, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_tpq_tables_change_during_training(bench, quantized_inputs_run):
+    """The trained tables differ from the per-timestep MSE init the run started from."""
+    import copy
+
+    from qdistill.data.calibration_set import load_shard_list
+    from qdistill.data.model_folder import load_unet
+    from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+
+    train = load_script("train")
+    fp = load_unet(bench / "model")
+    torch.manual_seed(0)
+    init = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=4))
+    calibrate_(init, train.init_batches(load_shard_list(bench / "traj"), 40, 4, torch.device("cpu")))
+    trained = trained_state(quantized_inputs_run[0])
+    keys = [k for k in trained if k.endswith(".delta") and "input_quantizers" in k]
+    moved = [k for k in keys if not torch.equal(trained[k], init.state_dict()[k])]
+    assert len(moved) >= len(keys) // 2
+
+
+def test_tensorboard_holds_the_training_scalars(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run[0] / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("loss/all_blocks", "loss/conv_in", "loss/time_embedding", "lr/weights", "lr/quantizers",
+                "samples_per_s", "peak_rss_mb", "eval/psnr_db"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert any(t.startswith("loss_by_timestep/") for t in scalars)
+    assert any(t.startswith("step_size/") for t in events.Tags()["histograms"])
+    assert "samples/fp_vs_quantized" in events.Tags()["images"]
+    lrs = [e.value for e in events.Scalars("lr/weights")]
+    assert lrs[0] > lrs[-1]  # the cosine schedule decays inside every block
+
+
+@pytest.mark.parametrize("damage", ["truncate-student", "garble-progress", "truncate-engine"])
+def test_damaged_checkpoint_names_the_file(bench, reference_run, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    ckpt = out / "checkpoint"
+    if damage == "truncate-student":
+        target = ckpt / "student.safetensors"
+        target.write_bytes(target.read_bytes()[:1000])
+        named = str(target)
+    elif damage == "garble-progress":
+        target = ckpt / "progress.json"
+        target.write_text("{not json")
+        named = str(target)
+    else:  # a mid-block checkpoint whose engine file is cut short
+        progress = json.loads((ckpt / "progress.json").read_text())
+        assert "engine" not in os.listdir(ckpt)  # the final checkpoint is between blocks; make it mid-block
+        progress.update(block_index=len(progress["blocks"]) - 1, iteration=3)
+        (ckpt / "progress.json").write_text(json.dumps(progress))
+        engine = ckpt / "engine" / "live"
+        engine.mkdir(parents=True)
+        (ckpt / "engine" / "latest").write_text("live")
+        (engine / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 truncated")
+        named = str(ckpt / "engine")
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS))
+    assert rc == 2, log
+    error = [line for line in log.splitlines() if line.startswith("qdistill: error:")]
+    assert error and named in error[0], log
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(bench, reference_run, tmp_path):
+    """Resume the reference run at its last block with an infinite learning rate: the first update makes the
+    block non-finite; training stops with a message and the checkpoint on disk is left as it was."""
+    import shutil
+
+    out = tmp_path / "diverged"
+    shutil.copytree(reference_run[0], out)
+    progress_file = out / "checkpoint" / "progress.json"
+    progress = json.loads(progress_file.read_text())
+    progress.update(block_index=len(progress["blocks"]) - 1, iteration=0)
+    progress_file.write_text(json.dumps(progress))
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir() if p.is_file()}
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS, "distill.lr_weights=.inf"))
+    assert rc == 2, log
+    assert "non-finite" in log and "last good checkpoint is kept" in log, log
+    after = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_bad_deepspeed_config_is_refused(bench, tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    rc, log = launch(train_args(bench, tmp_path / "x", f"deepspeed={bad}"))
+    assert rc == 2 and "zero_optimization.stage" in log, log
