@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.qdistill-installed
-DEMO_MODEL ?= runs/demo-model
 
 .PHONY: demo test setup clean
 
@@ -21,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-$(DEMO_MODEL)/model_index.json: | $(STAMP)
-	$(PY) scripts/build_demo_model.py --out $(DEMO_MODEL)
+# The demo: record calibration trajectories from the bench teacher (bench/teacher, shipped), then distil it
+# to W4A4 with the DilateQuant recipe at demo length, then compare with FP (runs/demo-w4a4/).
+runs/trajectories/manifest.json: bench/teacher/unet/diffusion_pytorch_model.safetensors | $(STAMP)
+	$(PY) scripts/calibrate.py --config configs/calibrate.yaml overwrite=true
 
-demo: $(STAMP) $(DEMO_MODEL)/model_index.json
-	$(PY) scripts/quantize.py --config configs/rtn.yaml model=$(DEMO_MODEL) out=runs/demo-rtn
+demo: $(STAMP) runs/trajectories/manifest.json
+	$(PY) scripts/train.py --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -46,7 +46,7 @@ class SamplingConfig:
 class QuantizeRunConfig:
     """scripts/quantize.py: post-training quantization of one model folder, judged against FP."""
 
-    model: str = "runs/demo-model"
+    model: str = "bench/teacher"
     out: str = "runs/quantized"
     recipe: Literal["rtn"] = "rtn"
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -88,8 +88,8 @@ class DistillConfig:
 
     iterations: int = 5000  # per block
     batch_size: int = 32  # global, in calibration rows; split evenly over ranks
-    lr_weights: float = 1e-5  # full weights
-    lr_quant: float = 1e-4  # weight step sizes and zero points, TPQ tables
+    lr_weights: float = 1e-4  # full weights and biases (Adam)
+    lr_quant: float = 1e-3  # step sizes, relative: times each quantizer's mean step size; zero points
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     block_input: Literal["quantized", "fp"] = "quantized"  # DilateQuant trains on the quantized chain's input
     cache_mb: int = 2048  # per rank: block inputs/targets of all rows cached if they fit, else recomputed per batch

@@ -66,3 +66,29 @@ def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: 
                "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
                "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}
     return fp_final, q_final, metrics
+
+
+@torch.no_grad()
+def block_output_mse(fp_unet, qunet, blocks_fp, blocks_q, batches) -> dict[str, float]:
+    """Per block: MSE between its output in the quantized model and in the FP model, each model run on its
+    own chain from the same model inputs (so a block's error includes what the blocks before it left)."""
+    def outputs(model, blocks, kwargs):
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [b.module.register_forward_hook(
+            lambda m, a, o, name=b.name: seen.setdefault(name, (o if isinstance(o, torch.Tensor) else o[0]).float()))
+            for b in blocks]
+        try:
+            model(**kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    total: dict[str, float] = {}
+    count = 0
+    for kwargs in batches:
+        fp, q = outputs(fp_unet, blocks_fp, kwargs), outputs(qunet, blocks_q, kwargs)
+        for name in fp:
+            total[name] = total.get(name, 0.0) + (q[name] - fp[name]).pow(2).mean().item()
+        count += 1
+    return {name: value / count for name, value in total.items()}

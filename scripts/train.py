@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import resource
 import shutil
 import sys
 import time
@@ -26,22 +26,13 @@ import torch
 
 from qdistill.configs import ConfigError, load_config, to_dict
 from qdistill.configs.schema import TrainConfig
-from qdistill.data.calibration_set import CalibrationSetError, load_shard_list, read_manifest, to_model_inputs
+from qdistill.data.calibration_set import CalibrationSetError, load_shard_list, read_manifest
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet, model_hash
 from qdistill.evaluation.fidelity import compare_to_fp, save_grid
-from qdistill.quantizers import calibrate_, find_blocks, quantize_
 from qdistill.trainer.checkpoint import CheckpointError, atomic_write_text, save_quantized
 from qdistill.trainer.distill import CHECKPOINT, BlockDistiller, DivergenceError
 from qdistill.trainer.launch import init_distributed, load_deepspeed_config
-
-
-def init_batches(shards, rows: int, batch_size: int, device):
-    """About `rows` rows taken evenly from every shard (all timesteps), as model-input batches."""
-    per_shard = max(1, rows // len(shards))
-    for shard in shards:
-        idx = torch.linspace(0, len(shard) - 1, min(per_shard, len(shard))).round().long().tolist()
-        for a in range(0, len(idx), batch_size):
-            yield {k: v.to(device) for k, v in to_model_inputs(shard[idx[a:a + batch_size]]).items()}
+from qdistill.trainer.student import build_student
 
 
 def main(argv=None) -> int:
@@ -80,12 +71,8 @@ def main(argv=None) -> int:
 
         # 2. quantize; TPQ rows per timestep (skipped when resuming: the checkpoint holds the tables)
         t0 = time.time()
-        torch.manual_seed(cfg.distill.seed)  # the TPQ init subsamples activations: the same on every rank
-        student = quantize_(copy.deepcopy(fp), cfg.quant)
-        example = next(init_batches(all_shards[:1], 2, 2, device))
-        blocks_fp, blocks_q = find_blocks(fp, example), find_blocks(student, example)
+        student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming)
         if not resuming:
-            calibrate_(student, init_batches(all_shards, cfg.distill.init_rows, cfg.distill.batch_size, device))
             log(f"weight dilation + TPQ initialised from {cfg.distill.init_rows} rows in {time.time() - t0:.1f}s; "
                 f"{len(blocks_q)} blocks")
 
@@ -108,11 +95,15 @@ def main(argv=None) -> int:
         return 2
 
     # 4. the result, and how close it is to FP
+    peak_rss_mb = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    torch.distributed.all_reduce(peak_rss_mb, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:
         save_quantized(student, out / "quantized", recipe=cfg.recipe, source_model=str(cfg.model),
                        source_model_hash=source_hash, run_config=to_dict(cfg))
         metrics = {"recipe": cfg.recipe, "bits": f"W{cfg.quant.weight_bits}A{cfg.quant.act_bits}",
-                   "world_size": world_size, "train_seconds": round(train_seconds, 2), "blocks": summaries}
+                   "world_size": world_size, "deepspeed": cfg.deepspeed, "batch_size": cfg.distill.batch_size,
+                   "train_seconds": round(train_seconds, 2),
+                   "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "blocks": summaries}
         if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
             log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see scripts/eval.py)")
         else:

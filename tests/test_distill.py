@@ -77,33 +77,70 @@ def trained_state(out: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_states_close(a: dict, b: dict, rtol: float) -> float:
+    """Every tensor within `rtol` of the other in relative norm: ||a - b|| / ||a|| (for runs that do the same
+    arithmetic, such as resumed vs uninterrupted)."""
     assert a.keys() == b.keys()
-    worst = 0.0
+    worst, worst_key = 0.0, None
     for k in a:
-        scale = max(a[k].abs().max().item(), 1e-8)
-        worst = max(worst, (a[k] - b[k]).abs().max().item() / scale)
-    assert worst <= rtol, f"largest relative difference {worst:.3e} > {rtol}"
+        diff = (a[k].double() - b[k].double()).norm().item() / max(a[k].double().norm().item(), 1e-12)
+        if diff > worst:
+            worst, worst_key = diff, k
+    assert worst <= rtol, f"largest relative difference {worst:.3e} > {rtol} ({worst_key})"
     return worst
+
+
+def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+    """The student that scripts/train.py with `args` starts distilling from."""
+    from qdistill.configs import load_config
+    from qdistill.configs.schema import TrainConfig
+    from qdistill.data.calibration_set import load_shard_list
+    from qdistill.data.model_folder import load_unet
+
+    assert args[0] == "--config"
+    cfg = load_config(TrainConfig, args[1], args[2:])
+    from qdistill.trainer.student import build_student
+
+    student, _, _ = build_student(load_unet(cfg.model).eval(), cfg, load_shard_list(cfg.trajectories),
+                                  torch.device("cpu"))
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
 
 # Rank-count invariance is a property of the data-parallel machinery, so it is checked with FP block inputs:
 # with quantized inputs, every block reads the output of the quantized blocks before it, and float-rounding
 # differences between 1 and 2 ranks flip roundings that later blocks amplify (a real but chaotic
 # difference). With FP inputs, ranks average gradients in another order than one rank sums them: float
-# rounding, which Adam and LSQ carry forward a little. Anything else (a sample seen twice or not at all,
-# unsynchronised parameters, gradients summed instead of averaged) moves parameters by orders of magnitude
-# more.
-RANK_TOLERANCE = 1e-3
+# rounding, which Adam carries forward a little (its first steps are sign-like, so an element whose gradient
+# is near zero can step either way). The measure is therefore relative to how far training moved each
+# tensor: ||two ranks - one rank|| / ||one rank - start||. Training on other batches (a sample seen twice
+# or not at all, another seed) or unsynchronised parameters give about 1 or more.
+RANK_TOLERANCE = 0.1
 FP_INPUTS = "distill.block_input=fp"
+
+
+def assert_same_training(a: dict, b: dict, start: dict, rtol: float = RANK_TOLERANCE) -> float:
+    worst, worst_key, moved = 0.0, None, 0
+    for k in a:
+        step = (a[k].double() - start[k].double()).norm().item()
+        if step == 0:
+            assert torch.equal(a[k], b[k]), f"{k} was left alone by one run but not by the other"
+            continue
+        moved += 1
+        diff = (a[k].double() - b[k].double()).norm().item() / step
+        if diff > worst:
+            worst, worst_key = diff, k
+    assert moved > len(a) // 3, f"only {moved} of {len(a)} tensors were trained"
+    assert worst <= rtol, f"largest difference relative to the training step {worst:.3e} > {rtol} ({worst_key})"
+    return worst
 
 
 @pytest.fixture(scope="module")
 def reference_run(bench):
     """One rank, ZeRO 0, FP block inputs: the reference every other rank count and ZeRO stage is compared with."""
     out = bench / "runs" / "1rank-zero0"
-    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS))
+    args = train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS)
+    rc, log = launch(args)
     assert rc == 0, log
-    return out, log
+    return out, log, initial_state(args)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +164,31 @@ def test_two_ranks_zero0_match_one_rank(bench, reference_run):
     out = bench / "runs" / "2rank-zero0"
     rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS), nproc=2)
     assert rc == 0, log
-    assert_states_close(trained_state(out), trained_state(reference_run[0]), RANK_TOLERANCE)
+    assert_same_training(trained_state(out), trained_state(reference_run[0]), reference_run[2])
 
 
 def test_two_ranks_zero2_match_one_rank(reference_run, two_rank_zero2):
-    assert_states_close(trained_state(two_rank_zero2), trained_state(reference_run[0]), RANK_TOLERANCE)
+    assert_same_training(trained_state(two_rank_zero2), trained_state(reference_run[0]), reference_run[2])
+
+
+def test_deepspeed_launcher_trains_what_torchrun_trains(bench, two_rank_zero2):
+    import shutil
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = bench / "runs" / "deepspeed-launcher"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), TRAIN,
+                           *train_args(bench, out, "deepspeed=zero2.json", FP_INPUTS)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout
+    assert_states_close(trained_state(out), trained_state(two_rank_zero2), 1e-6)
 
 
 def test_quantized_inputs_differ_from_fp_inputs_after_the_first_block(reference_run, quantized_inputs_run):
@@ -227,20 +284,10 @@ def test_tpq_tables_are_trained_per_timestep_and_mixed_batches_match(bench, quan
 
 def test_tpq_tables_change_during_training(bench, quantized_inputs_run):
     """The trained tables differ from the per-timestep MSE init the run started from."""
-    import copy
-
-    from qdistill.data.calibration_set import load_shard_list
-    from qdistill.data.model_folder import load_unet
-    from qdistill.quantizers import QuantConfig, calibrate_, quantize_
-
-    train = load_script("train")
-    fp = load_unet(bench / "model")
-    torch.manual_seed(0)
-    init = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=4))
-    calibrate_(init, train.init_batches(load_shard_list(bench / "traj"), 40, 4, torch.device("cpu")))
+    init = initial_state(train_args(bench, quantized_inputs_run[0], "deepspeed=zero0.json"))
     trained = trained_state(quantized_inputs_run[0])
     keys = [k for k in trained if k.endswith(".delta") and "input_quantizers" in k]
-    moved = [k for k in keys if not torch.equal(trained[k], init.state_dict()[k])]
+    moved = [k for k in keys if not torch.equal(trained[k], init[k])]
     assert len(moved) >= len(keys) // 2
 
 
@@ -315,3 +362,37 @@ def test_bad_deepspeed_config_is_refused(bench, tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     rc, log = launch(train_args(bench, tmp_path / "x", f"deepspeed={bad}"))
     assert rc == 2 and "zero_optimization.stage" in log, log
+
+
+def test_text_conditional_guidance_pipeline_on_two_ranks(tiny_sd_dir, tmp_path):
+    """The tiny Stable-Diffusion-shaped pipeline: cross-attention blocks, guidance batches ([uncond, text]
+    halves from one calibration row), text embeddings. Two ranks train what one rank trains."""
+    from qdistill.quantizers import set_quantization
+    from qdistill.trainer.checkpoint import load_quantized
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
+    rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={tiny_sd_dir}",
+                                        f"out={tmp_path / 'traj'}", f"prompts={prompts}", "guidance_scale=4.0",
+                                        "num_samples=8", "batch_size=2", "num_steps=4", "every=2"])
+    assert rc == 0
+    args = ["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={tiny_sd_dir}",
+            f"trajectories={tmp_path / 'traj'}", "distill.iterations=4", "distill.batch_size=4",
+            "distill.init_rows=16", "distill.checkpoint_every=2", "threads=1", FP_INPUTS]
+    rc, log = launch([*args, f"out={tmp_path / 'one'}", "deepspeed=zero0.json"])
+    assert rc == 0, log
+    rc, log = launch([*args, f"out={tmp_path / 'two'}", "deepspeed=zero2.json"], nproc=2)
+    assert rc == 0, log
+    assert "attentions.0" in log and "conditional model" in log
+    start = initial_state([*args, f"out={tmp_path / 'one'}"])
+    assert_same_training(trained_state(tmp_path / "two"), trained_state(tmp_path / "one"), start)
+
+    # the trained model is still a UNet2DConditionModel that runs a guidance batch
+    student = load_quantized(tmp_path / "two" / "quantized")
+    assert type(student).__name__ == "UNet2DConditionModel"
+    x, t, text = torch.randn(4, 4, 8, 8), torch.tensor([900, 900, 10, 10]), torch.randn(4, 16, 24)
+    with torch.no_grad():
+        out = student(x, t, encoder_hidden_states=text).sample
+        set_quantization(student, weights=False, activations=False)
+        fp_like = student(x, t, encoder_hidden_states=text).sample
+    assert torch.isfinite(out).all() and not torch.allclose(out, fp_like)

@@ -96,15 +96,24 @@ def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, w
 
 
 def parameter_groups(block: nn.Module, lr_weights: float, lr_quant: float) -> list[dict]:
-    """Quantizer parameters (step sizes, zero points, TPQ tables) and everything else (the weights)."""
-    quant_ids = {id(p) for m in block.modules() if isinstance(m, (UniformQuantizer, TemporalQuantizer))
-                 for p in m.parameters()}
-    quant, weights = [], []
-    for p in block.parameters():
-        if p.requires_grad:
-            (quant if id(p) in quant_ids else weights).append(p)
-    groups = [{"params": weights, "lr": lr_weights, "name": "weights"},
-              {"params": quant, "lr": lr_quant, "name": "quantizers"}]
+    """Optimizer groups: the weights (and biases) at `lr_weights`; the step sizes, one group per quantizer at
+    `lr_quant` times that quantizer's mean step size, so that every step size moves by about the same fraction
+    per update (Adam's updates are about lr in absolute terms whatever a parameter's scale, and an 8-bit
+    step size is 16x smaller than a 4-bit one of the same range); the zero points (integer units) at
+    `lr_quant`."""
+    groups, zero_points, quant_ids = [], [], set()
+    for name, m in block.named_modules():
+        if isinstance(m, (UniformQuantizer, TemporalQuantizer)):
+            quant_ids.update(id(p) for p in m.parameters())
+            if m.delta.requires_grad:
+                scale = m.delta.detach().abs().mean().clamp_min(1e-8).item()
+                groups.append({"params": [m.delta], "lr": lr_quant * scale, "name": f"step_size:{name}",
+                               "scale": scale})
+            if isinstance(m.zero, nn.Parameter) and m.zero.requires_grad:
+                zero_points.append(m.zero)
+    weights = [p for p in block.parameters() if p.requires_grad and id(p) not in quant_ids]
+    groups = [{"params": weights, "lr": lr_weights, "name": "weights", "scale": 1.0}] + groups
+    groups.append({"params": zero_points, "lr": lr_quant, "name": "zero_points", "scale": 1.0})
     return [g for g in groups if g["params"]]
 
 
@@ -121,7 +130,7 @@ class DistillState:
     iteration: int = 0  # iterations finished inside it
 
 
-class _RowCache:
+class RowCache:
     """One block's captured calls for all of this rank's rows. Tensors whose batch dimension is the model
     batch (rows × `fold`, the fold being 2 for guidance batches) are stored as [fold, rows, ...] so any
     selection of rows can be reassembled; everything else is kept from the first chunk."""
@@ -207,7 +216,7 @@ class BlockDistiller:
         t = torch.as_tensor(model_kwargs["timestep"]).reshape(-1).float()
         return {"args": q["args"], "kwargs": q["kwargs"], "target": fp["output"], "t": t}
 
-    def _build_cache(self, k: int) -> _RowCache | None:
+    def capture_rows(self, k: int) -> RowCache | None:
         """All of this rank's rows for block k, if they fit in cfg.cache_mb."""
         if self.cfg.cache_mb <= 0:
             return None
@@ -217,13 +226,13 @@ class BlockDistiller:
                 rows = shard[a:a + self.cfg.batch_size]
                 n = len(rows["timestep"])
                 chunk = self._capture(k, self._model_inputs([rows]))
-                if not chunks and _RowCache.nbytes(chunk) / n * total_rows > self.cfg.cache_mb * 2**20:
+                if not chunks and RowCache.nbytes(chunk) / n * total_rows > self.cfg.cache_mb * 2**20:
                     return None  # recompute per batch instead
                 chunks.append(chunk)
                 sizes.append(n)
-        return _RowCache(chunks, sizes)
+        return RowCache(chunks, sizes)
 
-    def _batch(self, k: int, iteration: int, cache: _RowCache | None) -> dict:
+    def _batch(self, k: int, iteration: int, cache: RowCache | None) -> dict:
         rows = self._rows(k, iteration)
         if cache is not None:
             return cache.select(torch.cat([r + off for r, off in zip(rows, self.offsets)]))
@@ -358,7 +367,7 @@ class BlockDistiller:
     def _train_block(self, engine, k: int, start: int) -> None:
         cfg, name, block = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module
         t0 = time.time()
-        cache = self._build_cache(k) if start < cfg.iterations else None
+        cache = self.capture_rows(k) if start < cfg.iterations else None
         cache_seconds = time.time() - t0
         bar = tqdm(range(start, cfg.iterations), desc=f"block {k + 1}/{len(self.blocks_q)} {name}",
                    disable=self.rank != 0, dynamic_ncols=True, leave=False, mininterval=2.0)
@@ -416,8 +425,11 @@ class BlockDistiller:
         for b in buckets.unique().tolist():
             w.add_scalar(f"loss_by_timestep/{b * width:03d}-{(b + 1) * width - 1:03d}",
                          per_sample[buckets == b].mean().item(), step)
-        for group in engine.optimizer.param_groups:
-            w.add_scalar(f"lr/{group.get('name', 'group')}", group["lr"], step)
+        groups = engine.optimizer.param_groups
+        for name, tag in (("weights", "lr/weights"), ("step_size", "lr/quantizers")):
+            group = next((g for g in groups if g.get("name", "").startswith(name)), None)
+            if group is not None:  # step sizes: the rate relative to their scale, as configured
+                w.add_scalar(tag, group["lr"] / group.get("scale", 1.0), step)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             w.add_scalar("grad_norm", float(grad_norm), step)

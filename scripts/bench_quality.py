@@ -1,18 +1,22 @@
-"""Measure the bench teacher: FD of N DDIM samples to the Fashion-MNIST test split (bench classifier
-features), the classifier's label distribution over them, and a sample grid.
+"""Quality of a model on the bench: FD of N DDIM samples to the Fashion-MNIST test split (bench classifier
+features), the classifier's label distribution over them, and a sample grid. The model is a diffusers
+folder (the FP teacher) or a quantized folder written by scripts/train.py / scripts/quantize.py (sampled
+with its source model's scheduler).
 
-    python scripts/evaluate_teacher.py --model bench/teacher --classifier bench/classifier \
-        --num-samples 1000 --steps 50 --out bench/teacher_record.json --grid bench/teacher_samples.png
+    python scripts/bench_quality.py --model bench/teacher --num-samples 1000 --steps 50 \
+        --out bench/teacher_record.json --grid bench/teacher_samples.png
+    python scripts/bench_quality.py --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
 """
 import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet
 from qdistill.evaluation.bench import bench_quality, sample_images
 from qdistill.evaluation.fidelity import save_grid
-from qdistill.trainer.checkpoint import atomic_write_text
+from qdistill.trainer.checkpoint import CheckpointError, META_FILE, atomic_write_text, load_quantized
 
 
 def main(argv=None) -> int:
@@ -26,9 +30,14 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", default=None, help="write a grid of the first 64 samples here")
     args = parser.parse_args(argv)
     try:
-        unet = load_unet(args.model).eval()
-        scheduler = load_scheduler(args.model, "ddim")
-    except ModelFolderError as e:
+        meta = Path(args.model) / META_FILE
+        if meta.is_file():  # a quantized model: its own class, sampled with its source model's scheduler
+            unet = load_quantized(args.model).eval()
+            scheduler = load_scheduler(json.loads(meta.read_text())["source_model"], "ddim")
+        else:
+            unet = load_unet(args.model).eval()
+            scheduler = load_scheduler(args.model, "ddim")
+    except (ModelFolderError, CheckpointError, KeyError, OSError) as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()

@@ -1,0 +1,32 @@
+"""The student that block-wise distillation starts from: a quantize_'d copy of the FP model with Weight
+Dilation and every temporal-parallel-quantizer row initialised from its own timestep's activations."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..data.calibration_set import to_model_inputs
+from ..quantizers import calibrate_, find_blocks, quantize_
+
+
+def init_batches(shards, rows: int, batch_size: int, device):
+    """About `rows` rows taken evenly from every shard (so all timesteps), as model-input batches."""
+    per_shard = max(1, rows // len(shards))
+    for shard in shards:
+        idx = torch.linspace(0, len(shard) - 1, min(per_shard, len(shard))).round().long().tolist()
+        for a in range(0, len(idx), batch_size):
+            yield {k: v.to(device) for k, v in to_model_inputs(shard[idx[a:a + batch_size]]).items()}
+
+
+def build_student(fp, cfg, all_shards, device, calibrate: bool = True):
+    """(student, blocks of fp, blocks of student) for a TrainConfig `cfg`. The TPQ init subsamples
+    activations under torch's global RNG, seeded here, so every rank builds the same student. With
+    calibrate=False the tables are left for a checkpoint to fill."""
+    torch.manual_seed(cfg.distill.seed)
+    student = quantize_(copy.deepcopy(fp), cfg.quant)
+    example = next(init_batches(all_shards[:1], 2, 2, device))
+    blocks_fp, blocks_q = find_blocks(fp, example), find_blocks(student, example)
+    if calibrate:
+        calibrate_(student, init_batches(all_shards, cfg.distill.init_rows, cfg.distill.batch_size, device))
+    return student, blocks_fp, blocks_q
