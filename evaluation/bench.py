@@ -27,3 +27,21 @@ def bench_quality(images: torch.Tensor, classifier_dir: str | Path) -> dict:
     shares = torch.bincount(preds, minlength=len(CLASSES)).float() / len(preds)
     return {"fd": fd, "class_shares": {name: round(float(s), 4) for name, s in zip(CLASSES, shares)},
             "min_class_share": float(shares.min())}
+
+
+@torch.no_grad()
+def fd_floor(classifier_dir: str | Path, num_samples: int, draws: int, seed: int = 0) -> dict:
+    """What real images score: FD of the whole train split to the test split, and of `draws` random sets of
+    `num_samples` train images (FD is biased upwards at small sample sizes, so a generator's FD on N samples
+    compares with real images' FD on N samples)."""
+    from ..data.fashion_mnist import load_fashion_mnist
+
+    classifier = BenchClassifier.load(classifier_dir)
+    stats = load_test_stats(classifier_dir)
+    train, _ = load_fashion_mnist("train")
+    g = torch.Generator().manual_seed(seed)
+    subsets = [frechet_distance(classifier.features, train[torch.randperm(len(train), generator=g)[:num_samples]], stats)
+               for _ in range(draws)]
+    return {"fd_train_vs_test": frechet_distance(classifier.features, train, stats),
+            f"fd_{num_samples}_train_images_vs_test": {"mean": sum(subsets) / draws,
+                                                       "draws": [round(x, 4) for x in subsets]}}

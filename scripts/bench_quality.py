@@ -3,7 +3,7 @@ features), the classifier's label distribution over them, and a sample grid. The
 folder (the FP teacher) or a quantized folder written by scripts/train.py / scripts/quantize.py (sampled
 with its source model's scheduler).
 
-    python scripts/bench_quality.py --model bench/teacher --num-samples 1000 --steps 50 \
+    python scripts/bench_quality.py --model bench/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
         --out bench/teacher_record.json --grid bench/teacher_samples.png
     python scripts/bench_quality.py --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet
-from qdistill.evaluation.bench import bench_quality, sample_images
+from qdistill.evaluation.bench import bench_quality, fd_floor, sample_images
 from qdistill.evaluation.fidelity import save_grid
 from qdistill.trainer.checkpoint import CheckpointError, META_FILE, atomic_write_text, load_quantized
 
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=100_000)
     parser.add_argument("--out", default=None, help="write the record as JSON here")
     parser.add_argument("--grid", default=None, help="write a grid of the first 64 samples here")
+    parser.add_argument("--floor-draws", type=int, default=0,
+                        help="also score real images: the train split, and this many sets of num-samples train images")
     args = parser.parse_args(argv)
     try:
         meta = Path(args.model) / META_FILE
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     record = {"model": args.model, "num_samples": args.num_samples, "sampler": f"DDIM {args.steps} steps eta=0",
               "seeds": [args.seed, args.seed + args.num_samples], "sampling_seconds": round(time.time() - t0, 1),
               **bench_quality(images, args.classifier)}
+    if args.floor_draws:
+        record["floor"] = fd_floor(args.classifier, args.num_samples, args.floor_draws)
     print(json.dumps(record, indent=2))
     if args.out:
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
