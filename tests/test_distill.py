@@ -171,6 +171,15 @@ def test_two_ranks_zero2_match_one_rank(reference_run, two_rank_zero2):
     assert_same_training(trained_state(two_rank_zero2), trained_state(reference_run[0]), reference_run[2])
 
 
+def test_recomputed_block_inputs_train_what_cached_ones_train(bench, reference_run):
+    """distill.cache_mb=0 captures every batch's block inputs afresh instead of selecting cached rows."""
+    out = bench / "runs" / "recompute"
+    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS, "distill.cache_mb=0"))
+    assert rc == 0, log
+    assert "inputs cached" not in log and "inputs cached" in reference_run[1]
+    assert_same_training(trained_state(out), trained_state(reference_run[0]), reference_run[2])  # float rounding only
+
+
 def test_deepspeed_launcher_trains_what_torchrun_trains(bench, two_rank_zero2):
     import shutil
     import socket
