@@ -6,6 +6,6 @@
 """
 __version__ = "0.1.0"
 
-from .quantizers import QuantConfig, calibrate_, find_blocks, quantize_, set_quantization  # noqa: E402
+from .quantizers import QuantConfig, calibrate_, find_blocks, quantize_, set_quantization, set_timesteps  # noqa: E402
 
-__all__ = ["QuantConfig", "calibrate_", "find_blocks", "quantize_", "set_quantization", "__version__"]
+__all__ = ["QuantConfig", "calibrate_", "find_blocks", "quantize_", "set_quantization", "set_timesteps", "__version__"]
