@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..quantizers import block_output
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of samples in [-1, 1] (clamped, as they are shown)."""
@@ -75,7 +77,7 @@ def block_output_mse(fp_unet, qunet, blocks_fp, blocks_q, batches) -> dict[str, 
     def outputs(model, blocks, kwargs):
         seen: dict[str, torch.Tensor] = {}
         hooks = [b.module.register_forward_hook(
-            lambda m, a, o, name=b.name: seen.setdefault(name, (o if isinstance(o, torch.Tensor) else o[0]).float()))
+            lambda m, a, o, name=b.name: seen.setdefault(name, block_output(o).float()))
             for b in blocks]
         try:
             model(**kwargs)

@@ -1,7 +1,7 @@
 """The math of qdistill: quantizers, temporal tables, Weight Dilation, quantized layers, model surgery,
 block discovery. No I/O, no distributed code."""
 from .attention import QuantAttnProcessor
-from .blocks import Block, find_blocks
+from .blocks import Block, block_output, find_blocks
 from .dilation import dilate_weight, dilation_factors
 from .layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLinear
 from .quantize import QuantConfig, calibrate_, quantize_, set_quantization, shortcut_splits
@@ -9,7 +9,7 @@ from .temporal import TemporalQuantizer, set_timesteps
 from .uniform import UniformQuantizer, fake_quant, qrange, search_range
 
 __all__ = [
-    "Block", "QUANT_LAYERS", "LayerSpec", "QuantAttnProcessor", "QuantConfig", "QuantConv2d", "QuantLinear",
+    "Block", "QUANT_LAYERS", "block_output", "LayerSpec", "QuantAttnProcessor", "QuantConfig", "QuantConv2d", "QuantLinear",
     "TemporalQuantizer", "UniformQuantizer", "calibrate_", "dilate_weight", "dilation_factors", "fake_quant",
     "find_blocks", "qrange", "quantize_", "search_range", "set_quantization", "set_timesteps", "shortcut_splits",
 ]

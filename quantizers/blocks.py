@@ -31,6 +31,15 @@ class Block:
     module: nn.Module
 
 
+def block_output(out) -> torch.Tensor:
+    """The tensor a block returns (diffusers blocks return a tensor, a tuple or an output dataclass)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
 def find_blocks(model: nn.Module, example_inputs: dict | None = None) -> list[Block]:
     """Ordered distillation blocks of `model`.
 

@@ -26,18 +26,16 @@ from qdistill.configs.schema import TrainConfig
 from qdistill.data.calibration_set import load_shard_list, read_manifest
 from qdistill.data.model_folder import load_unet
 from qdistill.quantizers import set_timesteps
-from qdistill.trainer.distill import BlockDistiller, parameter_groups
+from qdistill.trainer.distill import BlockDistiller, parameter_groups, per_sample_mse
 from qdistill.trainer.student import build_student
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def block_loss(block, batch) -> torch.Tensor:
-    """Per-sample MSE of the block against its FP target."""
+    """Per-sample distillation loss of the block on a batch of captured rows."""
     set_timesteps(block, batch["t"])
-    out = block(*batch["args"], **batch["kwargs"])
-    out = out if isinstance(out, torch.Tensor) else out[0]
-    return (out.float() - batch["target"].float()).pow(2).flatten(1).mean(1)
+    return per_sample_mse(block(*batch["args"], **batch["kwargs"]), batch["target"])
 
 
 @torch.no_grad()
@@ -81,7 +79,7 @@ def main(argv=None) -> int:
     cache = distiller.capture_rows(k)
     if cache is None:
         sys.exit("the block's rows do not fit in distill.cache_mb; raise it")
-    t_rows = cache.select(torch.arange(distiller.offsets[-1]))["t"][:distiller.offsets[-1]]
+    t_rows = torch.cat([shard["timestep"][:] for shard in shards]).float()  # the cache holds rows in shard order
     timesteps = sorted(t_rows.unique().tolist(), reverse=True)  # sampling order
     start = blocks_q[k].module
     g = torch.Generator().manual_seed(0)

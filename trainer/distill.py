@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tqdm import tqdm
 
 from ..data.calibration_set import to_model_inputs
-from ..quantizers import Block, TemporalQuantizer, UniformQuantizer, set_timesteps
+from ..quantizers import Block, TemporalQuantizer, UniformQuantizer, block_output, set_timesteps
 from .checkpoint import CheckpointError
 
 CHECKPOINT = "checkpoint"
@@ -52,12 +52,9 @@ class _Stop(Exception):
     """Raised by a hook to end a forward once the block of interest has been seen."""
 
 
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.sample
+def per_sample_mse(out, target: torch.Tensor) -> torch.Tensor:
+    """The distillation loss of every sample: MSE of a block's output against its FP twin's."""
+    return (block_output(out).float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -72,7 +69,7 @@ def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, w
             raise _Stop
 
     def post(module, args, kwargs, output):
-        seen["output"] = _first_tensor(output)
+        seen["output"] = block_output(output)
         raise _Stop
 
     handles = [block.register_forward_pre_hook(pre, with_kwargs=True)]
@@ -375,8 +372,7 @@ class BlockDistiller:
         for it in bar:
             data = self._batch(k, it, cache)
             set_timesteps(block, data["t"])
-            out = _first_tensor(engine(*data["args"], **data["kwargs"]))
-            per_sample = (out.float() - data["target"].float()).pow(2).flatten(1).mean(1)
+            per_sample = per_sample_mse(engine(*data["args"], **data["kwargs"]), data["target"])
             loss = per_sample.mean()
             loss_avg = self._mean_over_ranks(loss)
             if not torch.isfinite(loss_avg):  # before the step: the parameters stay as the last good ones
