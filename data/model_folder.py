@@ -45,19 +45,35 @@ def load_unet(path: str | Path):
     return _class_from_config(unet_dir / "config.json").from_pretrained(unet_dir)
 
 
+SCHEDULER_KINDS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+def convert_scheduler(base, kind: str | None):
+    """`base` as a `kind` ('ddim', 'ddpm', 'dpm') scheduler with the same trained noise schedule."""
+    if kind is None:
+        return base
+    if kind not in SCHEDULER_KINDS:
+        raise ModelFolderError(f"unknown scheduler kind {kind!r}; choose one of {sorted(SCHEDULER_KINDS)}")
+    return getattr(diffusers, SCHEDULER_KINDS[kind]).from_config(base.config)
+
+
+def scheduler_from_file(config_file: str | Path):
+    """A scheduler from a scheduler_config.json (as copied into export folders)."""
+    config_file = Path(config_file)
+    return _class_from_config(config_file).from_config(json.loads(config_file.read_text()))
+
+
 def load_scheduler(path: str | Path, kind: str | None = None):
     """The folder's scheduler (or a default DDPM schedule if it has none), converted to `kind`
     ('ddim', 'ddpm', 'dpm') when given, keeping the trained noise schedule."""
     _, sched_dir = resolve(path)
-    kinds = {"ddim": diffusers.DDIMScheduler, "ddpm": diffusers.DDPMScheduler,
-             "dpm": diffusers.DPMSolverMultistepScheduler}
-    if kind is not None and kind not in kinds:
-        raise ModelFolderError(f"unknown scheduler kind {kind!r}; choose one of {sorted(kinds)}")
+    if kind is not None and kind not in SCHEDULER_KINDS:
+        raise ModelFolderError(f"unknown scheduler kind {kind!r}; choose one of {sorted(SCHEDULER_KINDS)}")
     if sched_dir is None:
         base = diffusers.DDPMScheduler()
     else:
         base = _class_from_config(sched_dir / "scheduler_config.json").from_pretrained(sched_dir)
-    return kinds[kind].from_config(base.config) if kind else base
+    return convert_scheduler(base, kind)
 
 
 def model_hash(path: str | Path) -> str:

@@ -11,8 +11,9 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 def frechet_metric(extractor: nn.Module) -> FrechetInceptionDistance:
-    """A torchmetrics FID whose features come from `extractor` (it keeps its reference set on reset)."""
-    return FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    """A torchmetrics FID whose features come from `extractor` (it keeps its reference set on reset). It computes
+    on the images it is given: no gathering across ranks (eval gathers the images itself)."""
+    return FrechetInceptionDistance(feature=extractor, reset_real_features=False, sync_on_compute=False)
 
 
 @torch.no_grad()

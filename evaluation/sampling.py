@@ -1,0 +1,90 @@
+"""Sampling for evaluation: fixed seeds, split across ranks, gathered on every rank, as uint8 images.
+
+A seed's starting noise comes from the seed alone and the seed batches are fixed (data/trajectories.py), so
+batch i, sampled by rank i % N, gives the same images whatever N is. Unconditional models run diffusers'
+scheduler loop (`run_sampler`); text-conditional ones run the reference's diffusers pipeline with the
+quantized UNet swapped in and each sample's latents given explicitly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..data.trajectories import run_sampler, sample_shape, seed_batches, seeded_noise
+
+
+def init_eval_distributed() -> tuple[int, int]:
+    """(rank, world size): a gloo group under torchrun, no group for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats → uint8 as the images are saved."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
+
+
+@torch.no_grad()
+def sample_batch(unet, scheduler, seeds: Sequence[int], num_steps: int, eta: float = 0.0, pipeline=None,
+                 prompts: Sequence[str] | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Final samples of one seed batch in [-1, 1]."""
+    generator = torch.Generator().manual_seed(int(seeds[0]) + 7919)  # the batch's step noise (DDPM, η > 0)
+    noise = seeded_noise(seeds, sample_shape(unet))
+    if pipeline is None:
+        return run_sampler(unet, scheduler, noise, num_steps, eta, generator=generator)
+    pipeline.unet, pipeline.scheduler = unet, scheduler
+    out = pipeline(prompt=[prompts[s % len(prompts)] for s in seeds], latents=noise, num_inference_steps=num_steps,
+                   guidance_scale=guidance_scale, eta=eta, generator=generator, output_type="pt")
+    return out.images * 2 - 1  # "pt" output: [B, C, H, W] in [0, 1]
+
+
+def sample_across_ranks(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int, eta: float = 0.0,
+                        rank: int = 0, world: int = 1, desc: str = "sampling", **pipeline_kwargs) -> torch.Tensor:
+    """uint8 samples of all `seeds` (in seed order) on every rank; each rank samples batches i % world."""
+    batches = seed_batches(list(seeds), batch_size)
+    mine = {}
+    for i in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, unit="batch"):
+        mine[i] = to_uint8(sample_batch(unet, scheduler, batches[i], num_steps, eta, **pipeline_kwargs))
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = {i: images for part in gathered for i, images in part.items()}
+    return torch.cat([mine[i] for i in range(len(batches))])
+
+
+@contextlib.contextmanager
+def recorded_calls(unet, calls: list):
+    """Record every call of `unet`: its positional and keyword inputs and its noise prediction."""
+    def hook(module, args, kwargs, output):
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        calls.append({"args": [a.clone() if torch.is_tensor(a) else a for a in args],
+                      "kwargs": {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()},
+                      "noise_pred": pred.clone()})
+
+    handle = unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def noise_pred_mse_per_step(qunet, calls: list, num_steps: int) -> dict[int, float]:
+    """MSE of the quantized UNet's noise prediction against the FP one, on the FP trajectory's own inputs,
+    per denoising step (calls are in order: num_steps per seed batch)."""
+    per_step: dict[int, list[float]] = {}
+    for i, call in enumerate(calls):
+        out = qunet(*call["args"], **call["kwargs"])
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        per_step.setdefault(i % num_steps, []).append((pred - call["noise_pred"]).pow(2).mean().item())
+    return {step: sum(v) / len(v) for step, v in sorted(per_step.items())}

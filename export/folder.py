@@ -1,0 +1,204 @@
+"""The export folder: a quantized model as packed integer weights plus what runs them, self-describing.
+
+    OUT/model.safetensors      per quantized layer and input group: `<layer>.weight.<g>.codes` (uint8, two
+                               4-bit codes per byte or one 8-bit code), `.scale` and `.zero_point` (one per
+                               output channel); the TPQ tables `<layer>.input_quantizers.<g>.{delta,zero,
+                               timesteps}`; `<layer>.dilation_scale` (Weight Dilation); every FP tensor
+                               (biases, norms, layers kept in FP) under its own state-dict name
+    OUT/quant_config.json      format version, qdistill version, recipe, bits and granularity, every quantized
+                               layer (shape, bits, groups, TPQ rows) and every FP layer, source model and hash,
+                               sha256 and size of model.safetensors, the size report
+    OUT/config.json            the base model's diffusers config
+    OUT/scheduler_config.json  the source model's scheduler, when it has one (eval samples with it)
+
+`load_exported(OUT, mode)` rebuilds the same diffusers class: `simulated` (float kernels, bit-identical to
+the model that was exported) or `integer` (int8 kernels, quantizers/integer_layers.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..quantizers import QuantConfig, quantize_
+from ..quantizers.integer_layers import to_integer
+from ..quantizers.layers import QUANT_LAYERS
+from ..quantizers.packing import pack_codes, unpack_codes
+from ..quantizers.uniform import UniformQuantizer
+from ..trainer.checkpoint import atomic_dir
+
+EXPORT_FILE, META_FILE, FORMAT, FORMAT_VERSION = "model.safetensors", "quant_config.json", "qdistill-export", 1
+MODES = ("simulated", "integer")
+
+
+class ExportError(ValueError):
+    """An export folder is missing, tampered with, truncated or does not fit its config; names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical(q: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ, z) exactly as fake quantization uses them: |Δ| floored, z rounded."""
+    return q.delta.detach().abs().clamp_min(1e-10).float().cpu(), q.zero.detach().round().float().cpu()
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_model: str | None = None,
+                 source_model_hash: str | None = None, scheduler_config: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """Write `model` (prepared by quantize_, calibrated or trained) to `out_dir` atomically; returns the
+    size report (bytes)."""
+    import qdistill
+
+    config: QuantConfig | None = getattr(model, "qdistill_config", None)
+    if config is None:
+        raise ExportError("export needs a model prepared by quantize_ (it has no qdistill_config)")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors, layers, fp_layers = {}, {}, []
+    size = {"quantized_layers_fp32_bytes": 0, "quantized_layers_packed_bytes": 0, "by_bits": {}}
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers):
+            del state[f"{name}.weight"]
+            for g, (q, (a, b)) in enumerate(zip(m.weight_quantizers, m.input_groups)):
+                w = m.weight.detach()[:, a:b].cpu()
+                codes = pack_codes(q.to_int(w), q.bits, q.qmin)
+                scale, zero = _canonical(q)
+                for key in ("delta", "zero"):
+                    state.pop(f"{name}.weight_quantizers.{g}.{key}", None)
+                tensors[f"{name}.weight.{g}.codes"] = codes
+                tensors[f"{name}.weight.{g}.scale"] = scale
+                tensors[f"{name}.weight.{g}.zero_point"] = zero.to(torch.int16)
+                packed_bytes = codes.numel() + 6 * scale.numel()  # codes, fp32 scale, int16 zero point
+                size["quantized_layers_packed_bytes"] += packed_bytes
+                per_bits = size["by_bits"].setdefault(str(q.bits), {"fp32_bytes": 0, "packed_bytes": 0})
+                per_bits["fp32_bytes"] += 4 * (b - a) * m.weight[0, 0].numel() * m.weight.shape[0]
+                per_bits["packed_bytes"] += packed_bytes
+            size["quantized_layers_fp32_bytes"] += 4 * m.weight.numel()
+            layers[name] = {
+                "kind": "conv2d" if isinstance(m, nn.Conv2d) else "linear",
+                "weight_shape": list(m.weight.shape), "input_groups": [list(g) for g in m.input_groups],
+                "weight_bits": m.spec.weight_bits, "weight_symmetric": m.spec.weight_symmetric,
+                "act_bits": m.spec.act_bits, "act_symmetric": m.spec.act_symmetric,
+                "tpq_rows": [int(q.timesteps.numel()) for q in m.input_quantizers],
+            }
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS):
+            fp_layers.append(name)
+    for key, value in list(state.items()):  # activation tables: canonical (Δ, z), as fake quantization reads them
+        if key.endswith(".delta") and key[:-6] + ".zero" in state:
+            state[key] = value.abs().clamp_min(1e-10)
+            state[key[:-6] + ".zero"] = state[key[:-6] + ".zero"].round()
+    tensors.update({k: v.contiguous() for k, v in state.items()})
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "qdistill_version": qdistill.__version__,
+        "model_class": type(model).__name__, "recipe": recipe, "source_model": source_model,
+        "source_model_hash": source_model_hash, "quant_config": config.to_dict(),
+        "granularity": {"weights": "per output channel", "activations": "per tensor, one row per calibrated "
+                        "timestep" if config.per_timestep else "per tensor, one for all timesteps"},
+        "layers": layers, "fp_layers": fp_layers, **(extra or {}),
+    }
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_config(tmp)
+        save_file(tensors, str(tmp / EXPORT_FILE), metadata={"format": FORMAT})
+        if scheduler_config is not None:
+            (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
+        size["file_bytes"] = (tmp / EXPORT_FILE).stat().st_size
+        size["fp32_model_bytes"] = 4 * sum(p.numel() for p in model.parameters())
+        size["quantized_layers_ratio"] = size["quantized_layers_packed_bytes"] / max(1, size["quantized_layers_fp32_bytes"])
+        for per_bits in size["by_bits"].values():
+            per_bits["ratio"] = per_bits["packed_bytes"] / per_bits["fp32_bytes"]
+        meta["size"] = size
+        meta["files"] = {EXPORT_FILE: {"sha256": _sha256(tmp / EXPORT_FILE), "bytes": size["file_bytes"]}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return size
+
+
+def read_export_meta(path: str | Path) -> dict:
+    path = Path(path)
+    for name in (META_FILE, EXPORT_FILE, "config.json"):
+        if not (path / name).is_file():
+            raise ExportError(f"export folder {path} lacks {name}")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except ValueError as e:
+        raise ExportError(f"{path / META_FILE} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path / META_FILE} is not a qdistill export (format {meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ExportError(f"{path} is export format {meta['format_version']}; this qdistill reads up to {FORMAT_VERSION}")
+    return meta
+
+
+@torch.no_grad()
+def load_exported(path: str | Path, mode: str = "simulated"):
+    """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer').
+
+    The weights are rebuilt from their integer codes; the file is checked against its recorded sha256.
+    The returned model's `qdistill_export` holds the export's metadata (and in integer mode, which layers
+    run integer kernels)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    path = Path(path)
+    meta = read_export_meta(path)
+    file = path / EXPORT_FILE
+    recorded = meta.get("files", {}).get(EXPORT_FILE, {})
+    if file.stat().st_size != recorded.get("bytes"):
+        raise ExportError(f"{file} is truncated or was replaced: {file.stat().st_size} bytes, "
+                          f"{META_FILE} records {recorded.get('bytes')}")
+    if _sha256(file) != recorded.get("sha256"):
+        raise ExportError(f"{file} was modified after export: its sha256 differs from the one in {META_FILE}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{file} is corrupted or truncated: {e}") from None
+    try:
+        cls = getattr(diffusers, meta["model_class"])
+        config = QuantConfig(**meta["quant_config"])
+        model = cls.from_config(cls.load_config(path))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ExportError(f"{path / META_FILE} or config.json does not describe a model: {e}") from None
+    quantize_(model, config)
+    state = {}
+    try:
+        for name, spec in meta["layers"].items():
+            m = model.get_submodule(name)
+            if [list(g) for g in m.input_groups] != spec["input_groups"] or list(m.weight.shape) != spec["weight_shape"]:
+                raise ExportError(f"{path / META_FILE}: layer {name} does not match the model its config builds")
+            weight = torch.empty(spec["weight_shape"])
+            for g, (q, (a, b)) in enumerate(zip(m.weight_quantizers, m.input_groups)):
+                q: UniformQuantizer
+                scale = tensors.pop(f"{name}.weight.{g}.scale")
+                zero = tensors.pop(f"{name}.weight.{g}.zero_point").float()
+                codes = unpack_codes(tensors.pop(f"{name}.weight.{g}.codes"), q.bits, q.qmin,
+                                     [spec["weight_shape"][0], b - a, *spec["weight_shape"][2:]])
+                bshape = (-1,) + (1,) * (weight.dim() - 1)
+                weight[:, a:b] = (codes.float() - zero.view(bshape)) * scale.view(bshape)
+                state[f"{name}.weight_quantizers.{g}.delta"] = scale
+                state[f"{name}.weight_quantizers.{g}.zero"] = zero
+            state[f"{name}.weight"] = weight
+    except (KeyError, ValueError, AttributeError) as e:
+        if isinstance(e, ExportError):
+            raise
+        raise ExportError(f"{file} does not hold the layers {META_FILE} lists: {e}") from None
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{file} does not fit a {cls.__name__} quantized as {META_FILE} says: "
+                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    model.qdistill_export = dict(meta, mode=mode, path=str(path))
+    if mode == "integer":
+        model.qdistill_export["integer_report"] = to_integer(model)
+    return model

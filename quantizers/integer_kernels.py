@@ -1,0 +1,54 @@
+"""The integer kernels of the `integer` inference mode, and the only module that names a backend
+(DESIGN.md §5: torch.ao.quantization is moving to torchao, so the choice stays swappable here).
+
+oneDNN through PyTorch's x86 ops: uint8 activations (per-tensor scale and zero point) times int8 weights
+(per-output-channel scales, zero point 0), int32 accumulation, float32 output with the bias added. Codes of
+4-bit quantizers are exact in these 8-bit types. The float output (no output requantization) is what keeps
+`integer` within float rounding of `simulated`.
+"""
+from __future__ import annotations
+
+import torch
+
+BACKEND = "oneDNN (torch.ops.onednn, x86)"
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not."""
+    if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        return f"this PyTorch build has no {BACKEND} int8 ops"
+    if not torch.backends.mkldnn.is_available():
+        return "PyTorch was built without oneDNN (mkldnn)"
+    return None
+
+
+def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor, zero: float, top: int) -> torch.Tensor:
+    """uint8 codes clamp(round(x · inv_scale) + zero, 0, top): `fake_quant` stopped before dequantization,
+    multiplying by the reciprocal (10× faster than a broadcast division here; a code differs from the
+    division's in about 1 of 10⁵ values, by one step, at exact ties)."""
+    return torch.mul(x, inv_scale).round_().add_(zero).clamp_(0, top).to(torch.uint8)
+
+
+def prepack_conv2d(weight: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Reorder an int8 [out, in, kh, kw] weight for the kernel (done once, at load)."""
+    return torch.ops.onednn.qconv_prepack(weight.to(torch.int8).contiguous(), scale.float(), 1.0, 0, list(stride),
+                                          list(padding), list(dilation), groups, None)
+
+
+def conv2d(qx: torch.Tensor, x_scale: float, x_zero: int, packed: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """float32 conv output (channels_last) of uint8 input codes; padding is the real value 0."""
+    return torch.ops.onednn.qconv2d_pointwise(
+        qx, x_scale, x_zero, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.int64), bias, list(stride),
+        list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+
+
+def prepack_linear(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_prepack(weight.to(torch.int8).contiguous(), None)
+
+
+def linear(qx: torch.Tensor, x_scale: float, x_zero: int, packed: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.onednn.qlinear_pointwise(
+        qx, x_scale, x_zero, packed, w_scale, torch.zeros(w_scale.numel(), dtype=torch.int64), bias, 1.0, 0,
+        torch.float32, "none", [], "")

@@ -1,0 +1,156 @@
+"""`integer` inference mode: QuantConv2d / QuantLinear replaced by layers that run real int8 kernels.
+
+Each layer keeps its temporal input quantizers (so the model's timestep routing still picks each sample's
+TPQ row), quantizes its input to uint8 codes with that row's (Δ, z) exactly as `fake_quant` does, and calls
+the kernel with the layer's integer weight codes. Weight zero points: a 4-bit grid's `q − z` fits in int8,
+so the kernel gets `q − z` and zero point 0; an asymmetric 8-bit grid's does not, so the kernel gets
+`q − 128` plus one extra output channel of ones that returns Σ x̂ over each window, and the layer subtracts
+`Δ_w · (z − 128) · Σ x̂`. Both are exact integer arithmetic; only the final float scaling differs from the
+simulated float kernels.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import integer_kernels as kernels
+from .attention import QuantAttnProcessor
+from .layers import QUANT_LAYERS, QuantConv2d
+from .temporal import TemporalQuantizer
+from .uniform import qrange
+
+
+def simulated_reason(layer: nn.Module) -> str | None:
+    """Why `layer` (a QuantConv2d/QuantLinear) cannot run integer kernels here, or None."""
+    if (why := kernels.unavailable_reason()) is not None:
+        return why
+    if len(layer.weight_quantizers) == 0 or len(layer.input_quantizers) == 0:
+        return "layers with a floating-point side (weights or activations) have no integer kernel"
+    if isinstance(layer, QuantConv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
+                                           or isinstance(layer.padding, str)):
+        return "grouped convolutions and non-zero or string padding have no integer kernel here"
+    return None
+
+
+class _IntegerWeights:
+    """One input group's int8 weight, prepacked, with per-output-channel scales and the zero-point
+    correction (None when q − z fits in int8)."""
+
+    def __init__(self, weight: torch.Tensor, quantizer, is_conv: bool, conv_args):
+        codes = quantizer.to_int(weight).to(torch.int32)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        zero = quantizer.zero.detach().round().to(torch.int32)
+        self.scale = quantizer.delta.detach().abs().clamp_min(1e-10).float()
+        self.correction = None
+        w = codes - zero.view(shape)
+        if int(w.min()) < -128 or int(w.max()) > 127:
+            shift = (quantizer.qmin + quantizer.qmax + 1) // 2
+            w = torch.cat([codes - shift, torch.ones_like(codes[:1])])
+            self.correction = self.scale * (zero - shift).float()
+            self.scale = torch.cat([self.scale, self.scale.new_ones(1)])
+        self.packed = kernels.prepack_conv2d(w, self.scale, *conv_args) if is_conv else kernels.prepack_linear(w)
+
+
+class IntegerLayer(nn.Module):
+    """A QuantConv2d or QuantLinear on integer kernels; same inputs, same outputs (float)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.is_conv = isinstance(layer, QuantConv2d)
+        self.channel_dim = layer.channel_dim
+        self.input_groups = list(layer.input_groups)
+        self.input_quantizers: nn.ModuleList = layer.input_quantizers  # the TPQ tables; timesteps routed here
+        self.register_buffer("dilation_scale", layer.dilation_scale.detach().clone())
+        self.dilated = bool((self.dilation_scale != 1).any())
+        self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups) if self.is_conv else None
+        self.out_features = layer.weight.shape[0]
+        w = layer.weight.detach()
+        self.weights = [_IntegerWeights(w[:, a:b], q, self.is_conv, self.conv_args)
+                        for q, (a, b) in zip(layer.weight_quantizers, self.input_groups)]
+        bias = layer.bias.detach().float() if layer.bias is not None else None
+        self.biases = []
+        for g, iw in enumerate(self.weights):  # the bias goes with the first group; the ones channel gets 0
+            b = bias if g == 0 else None
+            if iw.correction is not None:
+                b = torch.cat([b if b is not None else torch.zeros(self.out_features), torch.zeros(1)])
+            self.biases.append(b)
+        # Per input group and TPQ row: (Δ, zero point, 1 / (Δ · dilation) in the input's layout); codes are
+        # shifted to start at 0 (uint8) and the zero point with them.
+        self.tables = []
+        for q, (a, b) in zip(self.input_quantizers, self.input_groups):
+            qmin, qmax = qrange(q.bits, q.symmetric)
+            shape = [1] * (4 if self.is_conv else 1)
+            shape[self.channel_dim] = -1
+            s = self.dilation_scale[a:b].float()
+            rows = [(float(d), int(z) - qmin, (1.0 / (d * s)).view(shape) if self.dilated else 1.0 / d)
+                    for d, z in zip(q.delta.detach().abs().clamp_min(1e-10).float(), q.zero.detach().round())]
+            self.tables.append((rows, qmax - qmin))
+
+    def _kernel(self, g: int, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
+        iw = self.weights[g]
+        if self.is_conv:
+            y = kernels.conv2d(qx, x_scale, x_zero, iw.packed, iw.scale, self.biases[g], *self.conv_args)
+        else:
+            y = kernels.linear(qx, x_scale, x_zero, iw.packed, iw.scale, self.biases[g])
+        if iw.correction is None:
+            return y
+        c = self.out_features
+        if self.is_conv:
+            return y[:, :c] - iw.correction.view(1, -1, 1, 1) * y[:, c:]
+        return y[..., :c] - iw.correction * y[..., c:]
+
+    def _group(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        quantizer: TemporalQuantizer = self.input_quantizers[g]
+        table, top = self.tables[g]
+        rows = quantizer.rows_for(quantizer._current_t(x.shape[0]))
+        first = int(rows[0])
+        if bool((rows == first).all()):  # the sampler's case: one timestep per call
+            delta, zero, inv = table[first]
+            return self._kernel(g, kernels.quantize_activation(x, inv, zero, top), delta, zero)
+        out = None
+        for r in rows.unique().tolist():  # mixed timesteps: one kernel call per TPQ row
+            idx = (rows == r).nonzero().squeeze(1)
+            delta, zero, inv = table[r]
+            y = self._kernel(g, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
+            if out is None:
+                out = y.new_empty((x.shape[0],) + y.shape[1:])
+            out[idx] = y
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for g, (a, b) in enumerate(self.input_groups):
+            xg = x if len(self.input_groups) == 1 else x.narrow(self.channel_dim, a, b - a)
+            y = self._group(g, xg)
+            out = y if out is None else out + y
+        return out
+
+    def extra_repr(self) -> str:
+        kind = "conv2d" if self.is_conv else "linear"
+        return f"{kind}, out={self.out_features}, groups={len(self.input_groups)}, kernel={kernels.BACKEND}"
+
+
+def to_integer(model: nn.Module) -> dict:
+    """Swap every quantized layer that has an integer kernel here for an IntegerLayer, in place.
+
+    Returns {"integer": [layer names], "simulated": {reason: [names]}}; each reason is warned once.
+    """
+    report = {"integer": [], "simulated": {}}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QUANT_LAYERS):
+            why = simulated_reason(module)
+            if why is None:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, IntegerLayer(module))
+                report["integer"].append(name)
+            else:
+                report["simulated"].setdefault(why, []).append(name)
+        elif isinstance(getattr(module, "processor", None), QuantAttnProcessor):
+            why = "attention matmuls (QKᵀ, P·V) have no integer batched-matmul kernel in PyTorch on CPU"
+            report["simulated"].setdefault(why, []).append(name)
+    for why, names in report["simulated"].items():
+        warnings.warn(f"qdistill integer mode: {why}; {len(names)} module(s) run simulated "
+                      f"(e.g. {names[0]})", stacklevel=2)
+    return report

@@ -1,0 +1,179 @@
+"""scripts/eval.py and its metrics: FD/FID code paths, the FP reference cache, ranks, text-conditional models."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from conftest import REPO, load_script
+from qdistill.evaluation.bench_classifier import ConvFeatures
+from qdistill.evaluation.frechet import frechet_distance
+from qdistill.evaluation.inception import inception_metrics, load_feature_network
+from qdistill.export import export_model
+from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+
+
+def images(n, seed, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, 32, 32, generator=g) * 1.6 - 0.8 + shift).clamp(-1, 1)
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    features = ConvFeatures(width=8, num_features=16).eval()
+    a = images(300, 1)
+    same = frechet_distance(features, a, a)
+    other_draw = frechet_distance(features, a, images(300, 2))
+    shifted = frechet_distance(features, a, images(300, 2, shift=0.3))
+    assert abs(same) < 1e-3 * shifted
+    assert other_draw < shifted
+
+
+class StandInInception(torch.nn.Module):
+    """A small network with Inception's three outputs, built locally in place of a weights file."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 3, stride=2, padding=1)
+        self.pool_fc = torch.nn.Linear(12, 32)
+        self.logits_fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        spatial = torch.relu(self.conv(x.float() / 127.5 - 1))
+        pool = torch.relu(self.pool_fc(spatial.mean(dim=(2, 3))))
+        return {"pool": pool, "logits": self.logits_fc(pool), "spatial": spatial}
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / "inception.pt2"
+    example = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(StandInInception().eval(), (example,), dynamic_shapes=({0: batch},)), str(path))
+    return path
+
+
+def test_inception_path_fid_sfid_is(inception_file):
+    net = load_feature_network(inception_file)
+    to_u8 = lambda x: ((x + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    a, b, shifted = to_u8(images(200, 1)), to_u8(images(200, 2)), to_u8(images(200, 2, shift=0.4))
+    same, other, far = inception_metrics(net, a, a), inception_metrics(net, b, a), inception_metrics(net, shifted, a)
+    for key in ("fid", "sfid"):
+        assert abs(same[key]) < 1e-3 * far[key], (key, same, far)
+        assert other[key] < far[key], (key, other, far)
+    assert 1.0 <= same["is"] <= 10.0
+    with pytest.raises(ValueError, match="not a feature network"):
+        bad = inception_file.parent / "bad.pt"
+        bad.write_bytes(b"not a model")
+        load_feature_network(bad)
+
+
+@pytest.fixture(scope="module")
+def bench_export(tmp_path_factory):
+    """The bench teacher at W8A8, calibrated on a few timesteps, exported (with its scheduler)."""
+    from qdistill.data.model_folder import load_scheduler
+
+    fp = UNet2DModel.from_pretrained(REPO / "bench" / "teacher" / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(4, 1, 32, 32, generator=g), "timestep": torch.full((4,), float(t))}
+               for t in (999, 759, 519, 279, 39)]
+    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    path = tmp_path_factory.mktemp("export") / "w8a8"
+    export_model(q, path, recipe="test", scheduler_config=dict(load_scheduler(REPO / "bench" / "teacher").config))
+    return path
+
+
+EVAL_ARGS = ["--num-samples", "8", "--steps", "5", "--batch-size", "4", "--fidelity-samples", "2"]
+
+
+def test_eval_writes_metrics_grid_tensorboard_and_reuses_the_fp_reference(bench_export, inception_file, tmp_path,
+                                                                        capsys):
+    eval_script = load_script("eval")
+    args = ["--model", str(bench_export), "--reference", str(REPO / "bench" / "teacher"), "--cache-dir",
+            str(tmp_path / "cache"), "--classifier", str(REPO / "bench" / "classifier"),
+            "--inception", str(inception_file), *EVAL_ARGS]
+    assert eval_script.main([*args, "--out", str(tmp_path / "a")]) == 0
+    first = capsys.readouterr().out
+    assert "FP reference cached" in first and "metric" in first  # the table
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("fd", "fd_fp", "delta_fd", "psnr_db", "ssim", "noise_pred_mse_mean", "fid_vs_fp", "sfid_vs_fp", "is"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["delta_fd"] == pytest.approx(metrics["fd"] - metrics["fd_fp"])
+    assert len(metrics["noise_pred_mse_per_step"]) == 5 and metrics["integer_layers"] > 50
+    assert 15 < metrics["psnr_db"] < 60 and 0.5 < metrics["ssim"] <= 1.0
+    assert (tmp_path / "a" / "samples.png").stat().st_size > 0
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "a" / "tb").iterdir())
+
+    assert eval_script.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert "FP reference from cache" in capsys.readouterr().out
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    for key in ("fd", "fd_fp", "psnr_db", "ssim", "noise_pred_mse_mean", "fid_vs_fp"):
+        assert again[key] == metrics[key], key
+
+
+def test_eval_two_ranks_equals_one_rank(bench_export, tmp_path):
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    common = ["scripts/eval.py", "--model", str(bench_export), "--reference", "bench/teacher", *EVAL_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for n in (1, 2):
+        subprocess.run([*base, f"--nproc_per_node={n}", *common, "--out", str(tmp_path / f"r{n}"),
+                        "--cache-dir", str(tmp_path / f"cache{n}")], cwd=REPO, env=env, check=True,
+                       capture_output=True, timeout=600)
+    one, two = (json.loads((tmp_path / f"r{n}" / "metrics.json").read_text()) for n in (1, 2))
+    assert two["world_size"] == 2
+    for key in ("fd", "fd_fp", "delta_fd", "psnr_db", "ssim", "noise_pred_mse_mean", "min_class_share"):
+        assert one[key] == two[key], key
+
+
+def test_eval_refuses_a_non_export(tmp_path, capsys):
+    assert load_script("eval").main(["--model", str(REPO / "bench" / "teacher"), "--out", str(tmp_path)]) == 2
+    assert "lacks quant_config.json" in capsys.readouterr().err
+
+
+def build_tiny_clip(path, tokenizer_dir):
+    """A CLIP model folder from random weights with the tiny SD pipeline's tokenizer (nothing downloaded)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                         num_hidden_layers=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                           num_hidden_layers=1), projection_dim=8)
+    CLIPModel(config).eval().save_pretrained(path)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                                 crop_size={"height": 16, "width": 16}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_eval_of_a_text_conditional_export_with_clip_score(tiny_sd_dir, tmp_path):
+    """A Stable-Diffusion-shaped pipeline: the quantized UNet samples inside the reference's own pipeline
+    (text encoder, VAE), and eval reports the CLIP score beside the fidelity metrics."""
+    from diffusers import UNet2DConditionModel
+
+    from qdistill.data.model_folder import load_scheduler
+
+    fp = UNet2DConditionModel.from_pretrained(tiny_sd_dir / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.full((4,), float(t)),
+                "encoder_hidden_states": torch.randn(4, 16, 24, generator=g)} for t in (999, 500, 1)]
+    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    export_model(q, tmp_path / "export", recipe="test", scheduler_config=dict(load_scheduler(tiny_sd_dir).config))
+    clip = build_tiny_clip(tmp_path / "clip", tiny_sd_dir / "tokenizer")
+    (tmp_path / "prompts.txt").write_text("a photo of a red shoe\na blue bag\n")
+    args = ["--model", str(tmp_path / "export"), "--reference", str(tiny_sd_dir), "--prompts",
+            str(tmp_path / "prompts.txt"), "--clip", str(clip), "--out", str(tmp_path / "eval"),
+            "--cache-dir", str(tmp_path / "cache"), "--guidance-scale", "3.0", *EVAL_ARGS]
+    assert load_script("eval").main(args) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "fd" not in metrics  # 3×16×16 images: the bench classifier does not apply
+    assert metrics["clip_score"] > 0 and metrics["clip_score_fp"] > 0
+    assert 10 < metrics["psnr_db"] < 80 and len(metrics["noise_pred_mse_per_step"]) == 5
