@@ -26,7 +26,10 @@ def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor, zero: float, t
     """uint8 codes clamp(round(x · inv_scale) + zero, 0, top): `fake_quant` stopped before dequantization,
     multiplying by the reciprocal (10× faster than a broadcast division here; a code differs from the
     division's in about 1 of 10⁵ values, by one step, at exact ties)."""
-    return torch.mul(x, inv_scale).round_().add_(zero).clamp_(0, top).to(torch.uint8)
+    codes = torch.mul(x, inv_scale).round_().add_(zero).clamp_(0, top)
+    if codes.dim() == 4:  # the conv kernel reads NHWC: converting here (in the same copy) saves it a reorder
+        return codes.to(torch.uint8, memory_format=torch.channels_last)
+    return codes.to(torch.uint8)
 
 
 def prepack_conv2d(weight: torch.Tensor, scale: torch.Tensor, stride, padding, dilation, groups: int) -> torch.Tensor:

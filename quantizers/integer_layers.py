@@ -97,9 +97,9 @@ class IntegerLayer(nn.Module):
         if iw.correction is None:
             return y
         c = self.out_features
-        if self.is_conv:
-            return y[:, :c] - iw.correction.view(1, -1, 1, 1) * y[:, c:]
-        return y[..., :c] - iw.correction * y[..., c:]
+        if self.is_conv:  # one fused pass: y − correction ⊗ Σx̂
+            return torch.addcmul(y[:, :c], y[:, c:], iw.correction.view(1, -1, 1, 1), value=-1)
+        return torch.addcmul(y[..., :c], y[..., c:], iw.correction, value=-1)
 
     def _group(self, g: int, x: torch.Tensor) -> torch.Tensor:
         quantizer: TemporalQuantizer = self.input_quantizers[g]

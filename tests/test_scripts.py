@@ -34,6 +34,20 @@ def test_quantize_script_on_a_saved_model_folder(demo_pipeline_dir, tmp_path, ca
         assert torch.isfinite(reloaded(**example_inputs(build_unet("attn-lpb1"))).sample).all()
     assert "PSNR" in capsys.readouterr().out
 
+    # scripts/export.py on the RTN run: the export reloads to the same outputs, with its scheduler
+    from qdistill.export import load_exported
+
+    for bits in (8, 4):
+        assert load_script("export").main(["--run", str(tmp_path / f"w{bits}"), "--out", str(tmp_path / f"e{bits}")]) == 0
+    assert "quantized layers" in capsys.readouterr().out
+    kw = example_inputs(build_unet("attn-lpb1"), seed=3)
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / "e8")(**kw).sample, reloaded(**kw).sample)
+    assert (tmp_path / "e8" / "scheduler_config.json").is_file()
+    assert (tmp_path / "e4" / "model.safetensors").stat().st_size < (tmp_path / "e8" / "model.safetensors").stat().st_size
+    assert load_script("export").main(["--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "holds no quantized model" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("override,expected", [
     ("quant.bogus=1", "unknown config key 'quant.bogus'"),

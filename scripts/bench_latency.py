@@ -1,0 +1,129 @@
+"""UNet forward latency and sampling wall time on the bench model: FP32 vs `simulated` vs `integer` exports,
+and bytes on disk of FP32, W8 and W4 exports.
+
+    python scripts/bench_latency.py --threads 2 --out runs/bench_latency.json
+
+The exports are built here from the bench teacher (RTN ranges calibrated on 8 DDIM trajectories: latency
+does not depend on the quality of the ranges). Each timing is the median of `--repeats` rounds; within a
+round the three models run back to back, so load changes on the machine hit all of them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from qdistill.data.model_folder import load_scheduler, load_unet, resolve
+from qdistill.data.trajectories import record_trajectories, sample_shape, uniform_steps
+from qdistill.evaluation.sampling import sample_batch
+from qdistill.export import EXPORT_FILE, export_model, load_exported
+from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers.integer_layers import IntegerLayer
+from qdistill.trainer.checkpoint import atomic_write_text
+
+
+def timed(fn, warmup: int = 2, iters: int = 5) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench/teacher")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sampling-batch", type=int, default=64)
+    p.add_argument("--sampling-steps", type=int, default=50)
+    p.add_argument("--out", default="runs/bench_latency.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # the integer mode's note on attention is expected here
+    fp = load_unet(args.model).eval()
+    scheduler = load_scheduler(args.model, "ddim")
+    _, records = record_trajectories(fp, scheduler, range(8), 50, 8, keep_steps=uniform_steps(50, 5))
+    calib = [{"sample": r.sample, "timestep": r.timestep} for r in records]
+    unet_dir, _ = resolve(args.model)
+    sizes = {"fp32_unet_file_bytes": sum(f.stat().st_size for f in unet_dir.glob("*.safetensors"))}
+    models = {"FP32": fp}
+    tmp = Path(tempfile.mkdtemp(prefix="qdistill-latency-"))
+    for bits in args.bits:
+        wb, ab = int(bits[1]), int(bits[3])
+        q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), calib)
+        size = export_model(q, tmp / bits, recipe="rtn")
+        sizes[bits] = {"export_file_bytes": (tmp / bits / EXPORT_FILE).stat().st_size, **size}
+        models[f"{bits} simulated"] = load_exported(tmp / bits, "simulated")
+        models[f"{bits} integer"] = load_exported(tmp / bits, "integer")
+    print(f"[latency] {args.threads} threads; models: {', '.join(models)}")
+
+    forward = {}
+    for batch in args.batches:
+        x = torch.randn(batch, *sample_shape(fp), generator=torch.Generator().manual_seed(0))
+        t = torch.full((batch,), 500.0)
+        rounds = {name: [] for name in models}
+        for _ in range(args.repeats):
+            for name, m in models.items():
+                rounds[name].append(timed(lambda: m(x, t)))
+        forward[batch] = {name: statistics.median(v) * 1000 for name, v in rounds.items()}
+        line = ", ".join(f"{n} {ms:.1f} ms" for n, ms in forward[batch].items())
+        print(f"[latency] UNet forward, batch {batch}: {line}")
+
+    # The quantized layers alone, on their real inputs at the largest batch: FP32 layer vs IntegerLayer
+    # (activation quantization and zero-point correction included).
+    layers = {}
+    batch = max(args.batches)
+    x = torch.randn(batch, *sample_shape(fp), generator=torch.Generator().manual_seed(0))
+    t = torch.full((batch,), 500.0)
+    for bits in args.bits:
+        integer = models[f"{bits} integer"]
+        inputs = {}
+        hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.__setitem__(n, a[0]))
+                 for n, m in integer.named_modules() if isinstance(m, IntegerLayer)]
+        with torch.no_grad():
+            integer(x, t)
+        for h in hooks:
+            h.remove()
+        fp_ms = int_ms = 0.0
+        for name, x_in in inputs.items():
+            fp_layer, int_layer = fp.get_submodule(name), integer.get_submodule(name)
+            x_fp = x_in.contiguous()  # the FP model's layers see NCHW tensors
+            fp_ms += statistics.median(timed(lambda: fp_layer(x_fp)) for _ in range(args.repeats)) * 1000
+            int_ms += statistics.median(timed(lambda: int_layer(x_in)) for _ in range(args.repeats)) * 1000
+        layers[bits] = {"layers": len(inputs), "fp32_ms": fp_ms, "integer_ms": int_ms, "speedup": fp_ms / int_ms}
+        print(f"[latency] {len(inputs)} quantized layers alone, batch {batch}: FP32 {fp_ms:.1f} ms, "
+              f"{bits} integer {int_ms:.1f} ms ({fp_ms / int_ms:.2f}×)")
+
+    sampling = {}
+    seeds = list(range(args.sampling_batch))
+    for name, m in models.items():
+        t0 = time.perf_counter()
+        sample_batch(m, scheduler, seeds, args.sampling_steps)
+        sampling[name] = time.perf_counter() - t0
+        print(f"[latency] DDIM {args.sampling_steps} steps, batch {args.sampling_batch}: {name} {sampling[name]:.2f} s")
+    result = {"threads": args.threads, "cpu": torch.backends.cpu.get_cpu_capability(),
+              "forward_ms": forward, "layers_alone": layers, "sampling_seconds": sampling, "sizes": sizes,
+              "speedup_vs_fp32": {b: {n: forward[b]["FP32"] / ms for n, ms in v.items()} for b, v in forward.items()}}
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    for b in args.batches:
+        print(f"[latency] batch {b} speed-up vs FP32: " +
+              ", ".join(f"{n} {s:.2f}×" for n, s in result["speedup_vs_fp32"][b].items() if n != "FP32"))
+    print(f"[latency] sizes: FP32 unet {sizes['fp32_unet_file_bytes'] / 1024:.0f} KiB; " +
+          ", ".join(f"{b} export {sizes[b]['export_file_bytes'] / 1024:.0f} KiB" for b in args.bits))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
