@@ -10,9 +10,12 @@
                                sha256 and size of model.safetensors, the size report
     OUT/config.json            the base model's diffusers config
     OUT/scheduler_config.json  the source model's scheduler, when it has one (eval samples with it)
+    OUT/noise_correction.safetensors  optional: PTQD's per-step statistics (`timesteps`, `k`, `bias`, `sigma`;
+                               quantizers/noise_correction.py), recorded with its sha256 in quant_config.json
 
 `load_exported(OUT, mode)` rebuilds the same diffusers class: `simulated` (float kernels, bit-identical to
 the model that was exported) or `integer` (int8 kernels, quantizers/integer_layers.py).
+`load_noise_correction(OUT)` reads the PTQD statistics (None when the export has none).
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from torch import nn
 from ..quantizers import QuantConfig, quantize_
 from ..quantizers.integer_layers import to_integer
 from ..quantizers.layers import QUANT_LAYERS
+from ..quantizers.noise_correction import NoiseCorrection
 from ..quantizers.packing import pack_codes, unpack_codes
 from ..quantizers.uniform import UniformQuantizer
 from ..trainer.checkpoint import atomic_dir
 
 EXPORT_FILE, META_FILE, FORMAT, FORMAT_VERSION = "model.safetensors", "quant_config.json", "qdistill-export", 1
+NOISE_CORRECTION_FILE = "noise_correction.safetensors"
 MODES = ("simulated", "integer")
 
 
@@ -57,9 +62,9 @@ def _canonical(q: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_model: str | None = None,
                  source_model_hash: str | None = None, scheduler_config: dict | None = None,
-                 extra: dict | None = None) -> dict:
+                 noise_correction: NoiseCorrection | None = None, extra: dict | None = None) -> dict:
     """Write `model` (prepared by quantize_, calibrated or trained) to `out_dir` atomically; returns the
-    size report (bytes)."""
+    size report (bytes). `noise_correction`: PTQD statistics to store beside the model."""
     import qdistill
 
     config: QuantConfig | None = getattr(model, "qdistill_config", None)
@@ -121,6 +126,13 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
             per_bits["ratio"] = per_bits["packed_bytes"] / per_bits["fp32_bytes"]
         meta["size"] = size
         meta["files"] = {EXPORT_FILE: {"sha256": _sha256(tmp / EXPORT_FILE), "bytes": size["file_bytes"]}}
+        if noise_correction is not None:
+            save_file(noise_correction.to_state_dict(), str(tmp / NOISE_CORRECTION_FILE), metadata={"format": FORMAT})
+            meta["files"][NOISE_CORRECTION_FILE] = {"sha256": _sha256(tmp / NOISE_CORRECTION_FILE),
+                                                    "bytes": (tmp / NOISE_CORRECTION_FILE).stat().st_size}
+            meta["noise_correction"] = {"method": "ptqd", "file": NOISE_CORRECTION_FILE,
+                                        "steps": int(noise_correction.timesteps.numel()),
+                                        "channels": noise_correction.num_channels}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return size
 
@@ -141,6 +153,37 @@ def read_export_meta(path: str | Path) -> dict:
     return meta
 
 
+def _load_checked(path: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors of `path/name`, after checking its size and sha256 against quant_config.json."""
+    file = path / name
+    recorded = meta.get("files", {}).get(name, {})
+    if not file.is_file():
+        raise ExportError(f"export folder {path} lacks {name}")
+    if file.stat().st_size != recorded.get("bytes"):
+        raise ExportError(f"{file} is truncated or was replaced: {file.stat().st_size} bytes, "
+                          f"{META_FILE} records {recorded.get('bytes')}")
+    if _sha256(file) != recorded.get("sha256"):
+        raise ExportError(f"{file} was modified after export: its sha256 differs from the one in {META_FILE}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ExportError(f"{file} is corrupted or truncated: {e}") from None
+
+
+def load_noise_correction(path: str | Path) -> NoiseCorrection | None:
+    """The export's PTQD statistics, checked like the model file; None when it was exported without them."""
+    path = Path(path)
+    meta = read_export_meta(path)
+    if "noise_correction" not in meta:
+        return None
+    tensors = _load_checked(path, NOISE_CORRECTION_FILE, meta)
+    try:
+        return NoiseCorrection.from_state_dict(tensors)
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"{path / NOISE_CORRECTION_FILE} does not hold valid noise-correction statistics: "
+                          f"{e}") from None
+
+
 @torch.no_grad()
 def load_exported(path: str | Path, mode: str = "simulated"):
     """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer').
@@ -153,16 +196,7 @@ def load_exported(path: str | Path, mode: str = "simulated"):
     path = Path(path)
     meta = read_export_meta(path)
     file = path / EXPORT_FILE
-    recorded = meta.get("files", {}).get(EXPORT_FILE, {})
-    if file.stat().st_size != recorded.get("bytes"):
-        raise ExportError(f"{file} is truncated or was replaced: {file.stat().st_size} bytes, "
-                          f"{META_FILE} records {recorded.get('bytes')}")
-    if _sha256(file) != recorded.get("sha256"):
-        raise ExportError(f"{file} was modified after export: its sha256 differs from the one in {META_FILE}")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError) as e:
-        raise ExportError(f"{file} is corrupted or truncated: {e}") from None
+    tensors = _load_checked(path, EXPORT_FILE, meta)
     try:
         cls = getattr(diffusers, meta["model_class"])
         config = QuantConfig(**meta["quant_config"])

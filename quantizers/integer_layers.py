@@ -76,17 +76,21 @@ class IntegerLayer(nn.Module):
             if iw.correction is not None:
                 b = torch.cat([b if b is not None else torch.zeros(self.out_features), torch.zeros(1)])
             self.biases.append(b)
-        # Per input group and TPQ row: (Δ, zero point, 1 / (Δ · dilation) in the input's layout); codes are
-        # shifted to start at 0 (uint8) and the zero point with them.
+        # Per input group and TPQ row: (Δ, zero point, 1 / (Δ · dilation) in the input's layout, top code);
+        # codes are shifted to start at 0 (uint8) and the zero point with them. Rows may differ in bits
+        # (step-aware mixed precision): each has its own range.
         self.tables = []
         for q, (a, b) in zip(self.input_quantizers, self.input_groups):
-            qmin, qmax = qrange(q.bits, q.symmetric)
             shape = [1] * (4 if self.is_conv else 1)
             shape[self.channel_dim] = -1
             s = self.dilation_scale[a:b].float()
-            rows = [(float(d), int(z) - qmin, (1.0 / (d * s)).view(shape) if self.dilated else 1.0 / d)
-                    for d, z in zip(q.delta.detach().abs().clamp_min(1e-10).float(), q.zero.detach().round())]
-            self.tables.append((rows, qmax - qmin))
+            rows = []
+            for d, z, bits in zip(q.delta.detach().abs().clamp_min(1e-10).float(), q.zero.detach().round(),
+                                  q.row_bits.tolist()):
+                qmin, qmax = qrange(bits, q.symmetric)
+                rows.append((float(d), int(z) - qmin, (1.0 / (d * s)).view(shape) if self.dilated else 1.0 / d,
+                             qmax - qmin))
+            self.tables.append(rows)
 
     def _kernel(self, g: int, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
         iw = self.weights[g]
@@ -103,16 +107,16 @@ class IntegerLayer(nn.Module):
 
     def _group(self, g: int, x: torch.Tensor) -> torch.Tensor:
         quantizer: TemporalQuantizer = self.input_quantizers[g]
-        table, top = self.tables[g]
+        table = self.tables[g]
         rows = quantizer.rows_for(quantizer._current_t(x.shape[0]))
         first = int(rows[0])
         if bool((rows == first).all()):  # the sampler's case: one timestep per call
-            delta, zero, inv = table[first]
+            delta, zero, inv, top = table[first]
             return self._kernel(g, kernels.quantize_activation(x, inv, zero, top), delta, zero)
         out = None
         for r in rows.unique().tolist():  # mixed timesteps: one kernel call per TPQ row
             idx = (rows == r).nonzero().squeeze(1)
-            delta, zero, inv = table[r]
+            delta, zero, inv, top = table[r]
             y = self._kernel(g, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])

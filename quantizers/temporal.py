@@ -4,6 +4,10 @@ An activation quantizer holding a table of (Δ, z), one row per calibrated times
 batch uses the row of its own timestep (a gather by index), so one batch may mix timesteps and all
 timesteps train at once. A timestep never calibrated uses the nearest calibrated one.
 
+Each row also has a bit-width (`row_bits`, all equal to `bits` unless set otherwise): PTQD's step-aware
+mixed precision (quantizers/mixed_precision.py) is a table whose rows differ in bits, so the schedule
+travels with the tables into checkpoints and exports and the sampler needs nothing extra.
+
 The timesteps come from the model's own `timestep` argument: `quantize_` installs a forward pre-hook
 on the model that calls `set_timesteps` (no counters, no globals). Code that runs a single block
 outside the model (the distiller) calls `set_timesteps` on that block itself.
@@ -34,6 +38,8 @@ class TemporalQuantizer(nn.Module):
         self.delta = nn.Parameter(torch.ones(1))
         self.zero = nn.Parameter(torch.zeros(1), requires_grad=not symmetric)
         self.register_buffer("timesteps", torch.zeros(1))
+        self.register_buffer("row_bits", torch.full((1,), bits, dtype=torch.int64))
+        self._mixed_bits = False  # any row_bits != bits: the forward then clamps per row
         self.enabled = True
         self.observing = False
         self._t: torch.Tensor | None = None  # timesteps of the current batch, one per sample
@@ -77,8 +83,29 @@ class TemporalQuantizer(nn.Module):
             return x
         rows = self.rows_for(self._current_t(x.shape[0]))
         shape = (-1,) + (1,) * (x.dim() - 1)
-        qmin, qmax = qrange(self.bits, self.symmetric)
+        if self._mixed_bits:
+            qmin, qmax = (b.view(shape) for b in self.row_range(rows))
+        else:
+            qmin, qmax = qrange(self.bits, self.symmetric)
         return fake_quant(x, self.delta[rows].view(shape), self.zero[rows].view(shape), qmin, qmax)
+
+    def row_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qmin, qmax) of the given table rows, as float tensors."""
+        bits = self.row_bits[rows].to(self.delta.dtype)
+        if self.symmetric:
+            return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return torch.zeros_like(bits), 2**bits - 1
+
+    @torch.no_grad()
+    def set_row_bits(self, row_bits: torch.Tensor) -> None:
+        """One bit-width per table row (step-aware mixed precision); each must be in 2..8."""
+        row_bits = torch.as_tensor(row_bits, dtype=torch.int64).reshape(-1)
+        if row_bits.numel() != self.timesteps.numel():
+            raise ValueError(f"row_bits has {row_bits.numel()} entries for a table of {self.timesteps.numel()} rows")
+        for b in row_bits.tolist():
+            check_bits(b, "row bits")
+        self.row_bits.copy_(row_bits.to(self.row_bits.device))
+        self._mixed_bits = bool((self.row_bits != self.bits).any())
 
     # -- calibration ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -121,6 +148,8 @@ class TemporalQuantizer(nn.Module):
         self.delta.copy_(delta.to(device))
         self.zero.copy_(zero.to(device))
         self.timesteps.copy_(torch.tensor(keys, dtype=self.timesteps.dtype, device=device))
+        self.row_bits.fill_(self.bits)
+        self._mixed_bits = False
         self._stats = {}
 
     def _resize(self, rows: int) -> None:
@@ -130,17 +159,26 @@ class TemporalQuantizer(nn.Module):
         self.delta = nn.Parameter(torch.ones(rows, device=device))
         self.zero = nn.Parameter(torch.zeros(rows, device=device), requires_grad=not self.symmetric)
         self.timesteps = torch.zeros(rows, device=device)
+        self.row_bits = torch.full((rows,), self.bits, dtype=torch.int64, device=device)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         # Tables are sized by calibration; a fresh module takes the size of the state it loads.
         saved = state_dict.get(prefix + "timesteps")
         if saved is not None:
             self._resize(saved.numel())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "row_bits" not in state_dict:  # saved before per-row bit-widths existed: all rows at `bits`
+            if prefix + "row_bits" in missing_keys:
+                missing_keys.remove(prefix + "row_bits")
+            self.row_bits.fill_(self.bits)
+        self._mixed_bits = bool((self.row_bits != self.bits).any())
 
     def extra_repr(self) -> str:
         rows = self.timesteps.numel()
-        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, rows={rows}"
+        mixed = f", row bits={sorted(set(self.row_bits.tolist()))}" if self._mixed_bits else ""
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, rows={rows}{mixed}"
 
 
 def set_timesteps(module: nn.Module, t: torch.Tensor | None) -> None:

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampling-batch", type=int, default=64)
     p.add_argument("--sampling-steps", type=int, default=50)
     p.add_argument("--out", default="runs/bench_latency.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators of each model's forward at the largest batch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the integer mode's note on attention is expected here
@@ -105,6 +107,17 @@ def main(argv=None) -> int:
         layers[bits] = {"layers": len(inputs), "fp32_ms": fp_ms, "integer_ms": int_ms, "speedup": fp_ms / int_ms}
         print(f"[latency] {len(inputs)} quantized layers alone, batch {batch}: FP32 {fp_ms:.1f} ms, "
               f"{bits} integer {int_ms:.1f} ms ({fp_ms / int_ms:.2f}×)")
+
+    if args.profile:  # where each model's forward spends its time (self CPU time per operator)
+        from torch.profiler import ProfilerActivity, profile
+        for name, m in models.items():
+            with torch.no_grad():
+                m(x, t)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(args.repeats):
+                        m(x, t)
+            print(f"[latency] profile of {name}, batch {batch}, {args.repeats} forwards:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
     sampling = {}
     seeds = list(range(args.sampling_batch))

@@ -5,7 +5,8 @@ Reads only export folders (scripts/export.py) and, optionally, the FP model fold
     torchrun --standalone --nproc_per_node=2 scripts/eval.py --model EXPORT --reference FP --out EVAL
 
 1. load the export (`--mode integer`: int8 kernels; `simulated`: float kernels, bit-exact with training);
-2. sample N seeds with the chosen diffusers scheduler, seed batches split across ranks;
+2. sample N seeds with the chosen diffusers scheduler, seed batches split across ranks (`--ptqd`: the
+   quantized model through PTQD's noise-corrected scheduler with the export's statistics; FP stays plain);
 3. the FP reference on the same seeds (cached by model hash and sampler settings: not resampled next time);
 4. metrics: FD in the bench classifier's features (to the test split, for FP too, and quantized vs FP);
    FID/sFID/IS with a local TorchScript Inception (--inception); PSNR and SSIM of final samples vs FP;
@@ -29,7 +30,8 @@ from qdistill.evaluation.fidelity import psnr, save_grid
 from qdistill.evaluation.reference_cache import default_cache_dir, load_reference, reference_key, save_reference
 from qdistill.evaluation.sampling import (from_uint8, init_eval_distributed, noise_pred_mse_per_step, recorded_calls,
                                           sample_across_ranks, sample_batch)
-from qdistill.export import ExportError, load_exported, read_export_meta
+from qdistill.export import ExportError, load_exported, load_noise_correction, read_export_meta
+from qdistill.quantizers import NoiseCorrectedScheduler
 from qdistill.trainer.checkpoint import atomic_write_text
 
 SCHEDULERS = ("ddim", "ddpm", "dpm")
@@ -44,6 +46,9 @@ def parse_args(argv):
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--ptqd", action="store_true",
+                   help="sample the quantized model with PTQD's noise correction (statistics from scripts/export.py "
+                        "--noise-correction; ddim or ddpm)")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=100_000, help="samples use seeds seed, seed+1, ...")
     p.add_argument("--batch-size", type=int, default=64)
@@ -70,6 +75,10 @@ def main(argv=None) -> int:
     # 1. the export, its scheduler, the FP model
     try:
         meta = read_export_meta(args.model)
+        correction = load_noise_correction(args.model) if args.ptqd else None
+        if args.ptqd and correction is None:
+            raise ExportError(f"--ptqd: {args.model} holds no noise-correction statistics (export it with "
+                              "scripts/export.py --noise-correction)")
         qunet = load_exported(args.model, args.mode)
         exported_scheduler = Path(args.model) / "scheduler_config.json"
         if exported_scheduler.is_file():
@@ -79,6 +88,12 @@ def main(argv=None) -> int:
         else:
             raise ExportError(f"{args.model} has no scheduler_config.json; pass --reference")
         scheduler = convert_scheduler(base, args.scheduler)
+        q_scheduler = scheduler
+        if args.ptqd:
+            try:
+                q_scheduler = NoiseCorrectedScheduler(scheduler, correction)
+            except (TypeError, ValueError) as e:  # e.g. --scheduler dpm: PTQD wraps DDIM and DDPM only
+                raise ExportError(f"--ptqd: {e}") from None
         fp = load_unet(args.reference).eval() if args.reference else None
         pipe_kwargs = {}
         if getattr(qunet.config, "cross_attention_dim", None):
@@ -96,14 +111,17 @@ def main(argv=None) -> int:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
     bits = f"W{meta['quant_config']['weight_bits']}A{meta['quant_config']['act_bits']}"
-    sampler = f"{args.scheduler} {args.steps} steps eta={args.eta}"
+    sampler = f"{args.scheduler} {args.steps} steps eta={args.eta}" + (" + PTQD noise correction" if args.ptqd else "")
+    if args.ptqd:
+        log(f"quantized samples with PTQD noise correction ({meta['noise_correction']['steps']} measured steps); "
+            "FP reference with the plain scheduler")
     log(f"{meta['recipe']} {bits} from {args.model} ({args.mode}); {args.num_samples} seeds from {args.seed}, "
         f"{sampler}, {world} rank(s)")
 
     # 2. quantized samples
     seeds = list(range(args.seed, args.seed + args.num_samples))
     t0 = time.time()
-    q_images = sample_across_ranks(qunet, scheduler, seeds, args.steps, args.batch_size, args.eta, rank, world,
+    q_images = sample_across_ranks(qunet, q_scheduler, seeds, args.steps, args.batch_size, args.eta, rank, world,
                                    desc=f"{bits} samples", **pipe_kwargs)
     sampling_seconds = time.time() - t0
 
@@ -134,7 +152,8 @@ def main(argv=None) -> int:
     if rank == 0:
         metrics = {"model": args.model, "recipe": meta["recipe"], "bits": bits, "mode": args.mode,
                    "sampler": sampler, "num_samples": args.num_samples, "seeds": [args.seed, args.seed + args.num_samples],
-                   "world_size": world, "sampling_seconds": round(sampling_seconds, 2),
+                   "ptqd_noise_correction": args.ptqd, "world_size": world,
+                   "sampling_seconds": round(sampling_seconds, 2),
                    "export_file_bytes": meta["size"]["file_bytes"]}
         if args.mode == "integer":
             report = qunet.qdistill_export["integer_report"]
