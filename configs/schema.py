@@ -84,7 +84,9 @@ class TrajectoryConfig:
 
 @dataclass
 class DistillConfig:
-    """Block-wise knowledge distillation (DESIGN.md §3.5). The paper's recipe: batch 32, 5K iterations."""
+    """Block-wise knowledge distillation (DESIGN.md §3.5). The paper's recipe: batch 32, 5K iterations.
+    Data, caching, checkpoints, logging and the seed serve every recipe; `iterations`, `lr_weights`,
+    `lr_quant` and `lr_schedule` are the dilatequant recipe's (qdiffusion reads its own section)."""
 
     iterations: int = 5000  # per block
     batch_size: int = 32  # global, in calibration rows; split evenly over ranks
@@ -108,16 +110,49 @@ class DistillConfig:
 
 
 @dataclass
+class QDiffusionConfig:
+    """Q-Diffusion's block reconstruction (DESIGN.md §3.6), per block: AdaRound on the weights, then the
+    activation step sizes. The paper: 20K and 5K iterations, batch 32."""
+
+    rounding_iterations: int = 20000  # per block, phase 1
+    act_iterations: int = 5000  # per block, phase 2
+    lr_rounding: float = 1e-3  # Adam on AdaRound's α, constant (Q-Diffusion: Adam's default)
+    rounding_lambda: float = 0.01  # λ, weight of the rounding regulariser against the lp (p = rounding_p) loss
+    beta_start: float = 20.0  # regulariser exponent when the warm-up ends ...
+    beta_end: float = 2.0  # ... and at the last iteration (linear in between)
+    warmup: float = 0.2  # share of phase-1 iterations with the regulariser off
+    rounding_p: float = 2.0  # lp exponent of the phase-1 block-output loss
+    lr_act: float = 4e-4  # Adam on activation step sizes, absolute, cosine decay to 0
+    act_p: float = 2.4  # lp exponent of the phase-2 block-output loss
+
+    def __post_init__(self):
+        for key in ("rounding_iterations", "act_iterations"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"qdiffusion.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("lr_rounding", "rounding_lambda", "lr_act"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"qdiffusion.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"qdiffusion.warmup must be in [0, 1), got {self.warmup}")
+        for key in ("rounding_p", "act_p"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"qdiffusion.{key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclass
 class TrainConfig:
-    """scripts/train.py: Weight Dilation + TPQ + BKD of a model folder on its calibration trajectories."""
+    """scripts/train.py: block-wise training of a quantized copy of a model folder on its calibration
+    trajectories, by the recipe named in `recipe`: `dilatequant` (Weight Dilation + TPQ + BKD, `distill.*`) or
+    `qdiffusion` (AdaRound, then activation step sizes, `qdiffusion.*`)."""
 
     model: str = "bench/teacher"
     trajectories: str = "runs/trajectories"  # recorded by scripts/calibrate.py from the same model
     out: str = "runs/dilatequant-w4a4"
-    recipe: str = "dilatequant"
+    recipe: Literal["dilatequant", "qdiffusion"] = "dilatequant"
     deepspeed: str = "zero2.json"  # a DeepSpeed JSON: a path, or a file name in qdistill's configs folder
     overwrite: bool = False  # start over even if `out` holds a checkpoint (default: resume from it)
     threads: int | None = None  # torch threads per rank (torchrun sets 1)
     quant: QuantConfig = field(default_factory=QuantConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

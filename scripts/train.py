@@ -1,14 +1,16 @@
-"""Quantize a diffusers model by block-wise knowledge distillation (DilateQuant) on DeepSpeed.
+"""Quantize a diffusers model block by block on DeepSpeed: DilateQuant (Weight Dilation, TPQ, block-wise
+distillation) or Q-Diffusion (AdaRound, then activation step sizes), chosen by the config's `recipe`.
 
     python scripts/train.py --config configs/dilatequant.yaml [key=value ...]
+    python scripts/train.py --config configs/qdiffusion.yaml [quant.weight_bits=4 quant.act_bits=4 out=...]
     torchrun --standalone --nproc_per_node=2 scripts/train.py --config configs/dilatequant.yaml
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 scripts/train.py --config configs/dilatequant.yaml
 
 1. load the FP model and this rank's calibration shards (recorded by scripts/calibrate.py);
-2. quantize_ a copy (Weight Dilation, temporal parallel quantizers) and initialise every TPQ row from its
-   timestep's activations (MSE search, the same rows on every rank);
-3. distil block by block (trainer/distill.py), checkpointing to OUT/checkpoint; an existing checkpoint
-   in OUT is resumed (overwrite=true starts over);
+2. quantize_ a copy (per `quant.*`: Weight Dilation, temporal parallel quantizers or one scale for all
+   timesteps) and initialise every activation table from calibration rows (MSE search, the same on every rank);
+3. train block by block through the recipe's phases (trainer/distill.py, trainer/recipes.py), checkpointing to
+   OUT/checkpoint; an existing checkpoint in OUT is resumed (overwrite=true starts over);
 4. save the quantized model to OUT/quantized; sample FP | quantized on fixed seeds (grid, PSNR, metrics.json,
    TensorBoard in OUT/tb).
 """
@@ -32,18 +34,21 @@ from qdistill.evaluation.fidelity import compare_to_fp, save_grid
 from qdistill.trainer.checkpoint import CheckpointError, atomic_write_text, save_quantized
 from qdistill.trainer.distill import CHECKPOINT, BlockDistiller, DivergenceError
 from qdistill.trainer.launch import init_distributed, load_deepspeed_config
+from qdistill.trainer.recipes import recipe_phases
 from qdistill.trainer.student import build_student
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (see configs/dilatequant*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="YAML config (configs/dilatequant*.yaml, configs/qdiffusion.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         ds_config = load_deepspeed_config(cfg.deepspeed)
+        phases = recipe_phases(cfg)
     except ConfigError as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
@@ -73,10 +78,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming)
         if not resuming:
-            log(f"weight dilation + TPQ initialised from {cfg.distill.init_rows} rows in {time.time() - t0:.1f}s; "
-                f"{len(blocks_q)} blocks")
+            scales = "per-timestep activation scales" if cfg.quant.per_timestep else "one activation scale"
+            log(f"quantized ({'weight dilation, ' if cfg.quant.weight_dilation else ''}{scales} from "
+                f"{cfg.distill.init_rows} rows) in {time.time() - t0:.1f}s; {len(blocks_q)} blocks, "
+                f"phases {', '.join(ph.name for ph in phases)}")
 
-        # 3. block-wise distillation
+        # 3. block-wise training, phase by phase
         writer = None
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,8 +91,10 @@ def main(argv=None) -> int:
             writer = SummaryWriter(str(out / "tb"))
         distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, shard_ids, len(manifest["shards"]),
                                    cfg.distill, ds_config, out, rank, world_size, writer,
-                                   run_config={"quant": to_dict(cfg.quant), "distill": to_dict(cfg.distill),
-                                               "model": cfg.model, "trajectories": cfg.trajectories})
+                                   run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
+                                               "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),
+                                               "model": cfg.model, "trajectories": cfg.trajectories},
+                                   phases=phases)
         t0 = time.time()
         summaries = distiller.run()
         train_seconds = time.time() - t0

@@ -266,6 +266,9 @@ def test_explicit_restart_resumes_from_the_last_checkpoint(bench, quantized_inpu
     assert proc.poll() is None, "training finished before it could be interrupted"
     victim.send_signal(signal.SIGKILL)
     proc.wait()
+    # the worst moment to die: between save_checkpoint's two renames, only the previous checkpoint's
+    # `.checkpoint.old` exists; the rerun must take it back rather than start over
+    os.replace(out / "checkpoint", out / ".checkpoint.old")
     rc, log = launch(train_args(bench, out, "deepspeed=zero0.json"))
     assert rc == 0, log
     assert "resuming at block" in log

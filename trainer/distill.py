@@ -1,13 +1,16 @@
-"""Block-wise knowledge distillation (DilateQuant BKD; DESIGN.md §3.5, §4) on DeepSpeed.
+"""Block-wise training of a quantized model on DeepSpeed (DESIGN.md §3.5, §3.6, §4).
 
-For each block k, in execution order, the quantized block learns to match its FP twin:
+For each block k, in execution order, the quantized block learns to match its FP twin, e.g. (DilateQuant BKD)
 
     L = MSE( B̂_k(input from the quantized chain), B_k(input from the FP chain) )
 
+What learns and against which loss is the recipe's: a list of phases that every block goes through in order
+(trainer/phases.py: DilateQuant's one BKD phase; trainer/qdiffusion.py: AdaRound, then activation step sizes).
 Block inputs and targets come from hooks on the live models (a forward pre-hook captures the block's call
 and stops the forward). They are computed once per block for all of this rank's calibration rows when they
-fit in `cache_mb`, otherwise recomputed for every batch. One DeepSpeed engine per block, with two parameter
-groups (weights; quantizer step sizes, zero points and TPQ tables) and their own learning rates.
+fit in `cache_mb`, otherwise recomputed for every batch. One DeepSpeed engine per phase of a block, with the
+phase's parameter groups and learning rates. Before its first phase and after its last, every block's output
+MSE is measured on one fixed batch (`init_mse`, `final_mse` in the summaries).
 
 Data parallel over calibration shards: every iteration takes `batch_size / num_shards` rows from every
 shard, drawn by a pure function of (seed, block, iteration, shard), so the global batch is the same
@@ -17,7 +20,6 @@ only its own shards. Every batch mixes timesteps; each sample uses its own times
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -36,12 +38,15 @@ from tqdm import tqdm
 from ..data.calibration_set import to_model_inputs
 from ..quantizers import Block, TemporalQuantizer, UniformQuantizer, block_output, set_timesteps
 from .checkpoint import CheckpointError
+from .phases import DistillPhase, Phase, parameter_groups, per_sample_mse  # noqa: F401 (re-exported)
 
 CHECKPOINT = "checkpoint"
 STUDENT = "student.safetensors"
 PROGRESS = "progress.json"
 ENGINE = "engine"
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the 0..1000 timestep range
+EVAL_ITERATION = -1  # the rows of a block's fixed evaluation batch: drawn like an iteration no phase runs
+LR_TAGS = {"weights": "lr/weights", "step_size": "lr/quantizers", "rounding": "lr/rounding"}  # group name prefix
 
 
 class DivergenceError(RuntimeError):
@@ -50,11 +55,6 @@ class DivergenceError(RuntimeError):
 
 class _Stop(Exception):
     """Raised by a hook to end a forward once the block of interest has been seen."""
-
-
-def per_sample_mse(out, target: torch.Tensor) -> torch.Tensor:
-    """The distillation loss of every sample: MSE of a block's output against its FP twin's."""
-    return (block_output(out).float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -92,28 +92,6 @@ def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, w
     return seen
 
 
-def parameter_groups(block: nn.Module, lr_weights: float, lr_quant: float) -> list[dict]:
-    """Optimizer groups: the weights (and biases) at `lr_weights`; the step sizes, one group per quantizer at
-    `lr_quant` times that quantizer's mean step size, so that every step size moves by about the same fraction
-    per update (Adam's updates are about lr in absolute terms whatever a parameter's scale, and an 8-bit
-    step size is 16x smaller than a 4-bit one of the same range); the zero points (integer units) at
-    `lr_quant`."""
-    groups, zero_points, quant_ids = [], [], set()
-    for name, m in block.named_modules():
-        if isinstance(m, (UniformQuantizer, TemporalQuantizer)):
-            quant_ids.update(id(p) for p in m.parameters())
-            if m.delta.requires_grad:
-                scale = m.delta.detach().abs().mean().clamp_min(1e-8).item()
-                groups.append({"params": [m.delta], "lr": lr_quant * scale, "name": f"step_size:{name}",
-                               "scale": scale})
-            if isinstance(m.zero, nn.Parameter) and m.zero.requires_grad:
-                zero_points.append(m.zero)
-    weights = [p for p in block.parameters() if p.requires_grad and id(p) not in quant_ids]
-    groups = [{"params": weights, "lr": lr_weights, "name": "weights", "scale": 1.0}] + groups
-    groups.append({"params": zero_points, "lr": lr_quant, "name": "zero_points", "scale": 1.0})
-    return [g for g in groups if g["params"]]
-
-
 def shard_rows(seed: int, block_index: int, iteration: int, shard_index: int, shard_len: int, per_shard: int):
     """Rows of one shard for one iteration: a pure function of its arguments."""
     key = ((seed * 1_000_003 + block_index) * 1_000_003 + iteration) * 1_000_003 + shard_index
@@ -124,7 +102,8 @@ def shard_rows(seed: int, block_index: int, iteration: int, shard_index: int, sh
 @dataclass
 class DistillState:
     block_index: int = 0  # the block being trained (== number of finished blocks)
-    iteration: int = 0  # iterations finished inside it
+    iteration: int = 0  # iterations finished inside its current phase
+    phase: int = 0  # index of that phase in the recipe's phases
 
 
 class RowCache:
@@ -159,16 +138,18 @@ class RowCache:
 
 
 class BlockDistiller:
-    """Distil `student` (quantize_'d and calibrated) towards `teacher`, block by block.
+    """Train `student` (quantize_'d and calibrated) towards `teacher`, block by block, phase by phase.
 
     `shards` are this rank's calibration shards (torch-formatted datasets) with their global indices
     `shard_ids`; `num_shards` is the total over all ranks. `cfg` is a DistillConfig; `ds_config` the
-    DeepSpeed config dict (batch sizes are filled in here).
+    DeepSpeed config dict (batch sizes are filled in here); `phases` the recipe's (default: DilateQuant's
+    one BKD phase from `cfg`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, blocks_fp: list[Block], blocks_q: list[Block],
                  shards: list, shard_ids: list[int], num_shards: int, cfg, ds_config: dict, out: str | Path,
-                 rank: int = 0, world_size: int = 1, writer=None, run_config: dict | None = None):
+                 rank: int = 0, world_size: int = 1, writer=None, run_config: dict | None = None,
+                 phases: list[Phase] | None = None):
         if [b.name for b in blocks_fp] != [b.name for b in blocks_q]:
             raise ValueError("teacher and student blocks differ: " f"{[b.name for b in blocks_fp]} vs {[b.name for b in blocks_q]}")
         self.teacher, self.student = teacher, student
@@ -177,6 +158,9 @@ class BlockDistiller:
         self.cfg, self.out = cfg, Path(out)
         self.rank, self.world_size, self.writer = rank, world_size, writer
         self.run_config = run_config or {}
+        self.phases = phases if phases is not None else [DistillPhase(cfg)]
+        # where each phase's iterations start inside a block: its batches and TensorBoard steps
+        self.phase_offsets = [sum(ph.iterations for ph in self.phases[:i]) for i in range(len(self.phases) + 1)]
         if num_shards % world_size:
             raise ValueError(f"the calibration set has {num_shards} shards, not a multiple of the {world_size} ranks: "
                              "every rank must hold the same number of shards (record it with a matching batch_size)")
@@ -194,6 +178,7 @@ class BlockDistiller:
         self.ds_config.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
                               train_micro_batch_size_per_gpu=cfg.batch_size // world_size)
         self.summaries: list[dict] = []
+        self.current: dict = {}  # the block in progress: its initial MSE and finished phases (checkpointed)
         self.device = next(student.parameters()).device
 
     # -- data ---------------------------------------------------------------------------------------
@@ -243,7 +228,8 @@ class BlockDistiller:
     def save_checkpoint(self, state: DistillState, engine=None) -> None:
         """All ranks write into a temporary folder (the student's full state and progress by rank 0; the live
         engine with its optimizer partitions and each rank's RNG state by every rank); rank 0 renames it
-        into place once every rank has written, so a crash mid-write keeps the previous checkpoint."""
+        into place once every rank has written, so a crash mid-write keeps the previous checkpoint. Inside a
+        phase the student's state holds what the phase added to it (AdaRound's α)."""
         tmp = self.out / f".{CHECKPOINT}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,9 +241,12 @@ class BlockDistiller:
         if self.rank == 0:
             state_dict = {k: v.detach().contiguous().cpu() for k, v in self.student.state_dict().items()}
             save_file(state_dict, str(tmp / STUDENT))
+            phase = self.phases[state.phase].name if state.phase < len(self.phases) else None
             (tmp / PROGRESS).write_text(json.dumps({
-                "block_index": state.block_index, "iteration": state.iteration, "world_size": self.world_size,
+                "block_index": state.block_index, "phase": state.phase, "phase_name": phase,
+                "iteration": state.iteration, "world_size": self.world_size,
                 "blocks": [b.name for b in self.blocks_q], "summaries": self.summaries,
+                "current_block": self.current,
                 "run_config": self.run_config}, indent=2))
         self._barrier()
         if self.rank == 0:
@@ -270,21 +259,41 @@ class BlockDistiller:
         self._barrier()
 
     def load_checkpoint(self) -> DistillState:
-        """The state to start from: a fresh one, or the run folder's checkpoint (student state loaded)."""
-        ckpt = self.out / CHECKPOINT
+        """The state to start from: a fresh one, or the run folder's checkpoint (student state loaded; a block
+        stopped inside a phase has that phase entered again first, so the state it added loads too)."""
+        ckpt, old = self.out / CHECKPOINT, self.out / f".{CHECKPOINT}.old"
+        if self.rank == 0 and not ckpt.exists() and old.exists():
+            os.replace(old, ckpt)  # a crash between save_checkpoint's two renames: the previous one is complete
+        self._barrier()
         if not ckpt.exists():
             return DistillState()
         try:
             progress = json.loads((ckpt / PROGRESS).read_text())
-            state = DistillState(int(progress["block_index"]), int(progress["iteration"]))
+            state = DistillState(int(progress["block_index"]), int(progress["iteration"]),
+                                 int(progress.get("phase", 0)))  # checkpoints before phases: 0
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint file {ckpt / PROGRESS} is missing or corrupted: {e}") from None
         if progress.get("blocks") != [b.name for b in self.blocks_q]:
             raise CheckpointError(f"{ckpt / PROGRESS} was written for other blocks (another model?); "
                                   "start a new run folder or pass overwrite=true")
+        saved = progress.get("run_config") or {}
+        for key in ("recipe", "quant"):  # resuming under other bits or another recipe would mix two runs
+            if key in saved and key in self.run_config and saved[key] != self.run_config[key]:
+                there, here = saved[key], self.run_config[key]
+                diff = [f"{key}.{k}: {there.get(k)} there, {here.get(k)} here" for k in sorted({*there, *here})
+                        if there.get(k) != here.get(k)] if isinstance(there, dict) and isinstance(here, dict) \
+                    else [f"{key}: {there} there, {here} here"]
+                raise CheckpointError(f"{ckpt} was written by another run ({'; '.join(diff)}); start a new run "
+                                      "folder or pass overwrite=true")
+        names = [ph.name for ph in self.phases]
+        if state.phase >= len(names) or progress.get("phase_name", names[0]) != names[state.phase]:
+            raise CheckpointError(f"{ckpt / PROGRESS} stopped in phase {progress.get('phase_name')!r}, which this "
+                                  f"recipe does not have at that place ({names}); start a new run folder")
         if state.iteration and progress.get("world_size") != self.world_size:
             raise CheckpointError(f"{ckpt} was written mid-block by {progress.get('world_size')} rank(s); resume it "
                                   f"with that many (ZeRO optimizer partitions are per rank), not {self.world_size}")
+        if state.iteration:
+            self.phases[state.phase].enter(self.blocks_q[state.block_index].module)
         try:
             tensors = load_file(str(ckpt / STUDENT))
         except (SafetensorError, OSError) as e:
@@ -300,6 +309,7 @@ class BlockDistiller:
             except Exception as e:  # torch raises several types for damaged pickles
                 raise CheckpointError(f"checkpoint file {rng} is corrupted: {e}") from None
         self.summaries = progress.get("summaries", [])
+        self.current = progress.get("current_block") or {}
         return state
 
     def _load_engine(self, engine) -> None:
@@ -312,45 +322,29 @@ class BlockDistiller:
             raise CheckpointError(f"engine checkpoint under {path} is missing")
 
     # -- training -----------------------------------------------------------------------------------
-    def _engine(self, block: nn.Module):
+    def _engine(self, block: nn.Module, phase: Phase, groups: list[dict]):
         import deepspeed
 
-        cfg = self.cfg
-        optimizer = torch.optim.Adam(parameter_groups(block, cfg.lr_weights, cfg.lr_quant))
-
-        def schedule(opt):
-            if cfg.lr_schedule == "constant":
-                return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
-
-        engine, *_ = deepspeed.initialize(model=block, optimizer=optimizer, lr_scheduler=schedule,
-                                          config=self.ds_config)
+        optimizer = torch.optim.Adam(groups)
+        engine, *_ = deepspeed.initialize(
+            model=block, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, phase.lr_factor))
         return engine
 
     def run(self) -> list[dict]:
-        state = self.load_checkpoint()
-        if state.block_index or state.iteration:
-            where = self.blocks_q[state.block_index].name if state.block_index < len(self.blocks_q) else "end"
-            self._log(f"resuming at block {state.block_index + 1} ({where}), iteration {state.iteration}")
         self.teacher.eval()
         self.student.eval()  # eval mode throughout: dropout off, so a block's training is deterministic
         for p in self.student.parameters():
             p.requires_grad_(False)
+        state = self.load_checkpoint()
+        if state.block_index or state.iteration or state.phase:
+            where = self.blocks_q[state.block_index].name if state.block_index < len(self.blocks_q) else "end"
+            phase = f" phase {self.phases[state.phase].name}," if len(self.phases) > 1 and where != "end" else ""
+            self._log(f"resuming at block {state.block_index + 1} ({where}),{phase} iteration {state.iteration}")
         for k in range(state.block_index, len(self.blocks_q)):
-            block = self.blocks_q[k].module
-            for p in block.parameters():
-                p.requires_grad_(True)
-            for m in block.modules():  # symmetric quantizers keep their zero point at 0
-                if isinstance(m, TemporalQuantizer) and m.symmetric:
-                    m.zero.requires_grad_(False)
-            engine = self._engine(block)
-            start = state.iteration if k == state.block_index else 0
-            if start:
-                self._load_engine(engine)
-            self._train_block(engine, k, start)
-            for p in block.parameters():
-                p.requires_grad_(False)
-            del engine
+            resumed = k == state.block_index
+            self._train_block(k, state.phase if resumed else 0, state.iteration if resumed else 0)
+            self.current = {}
             self.save_checkpoint(DistillState(k + 1, 0))
         return self.summaries
 
@@ -361,21 +355,69 @@ class BlockDistiller:
             x /= self.world_size
         return x
 
-    def _train_block(self, engine, k: int, start: int) -> None:
-        cfg, name, block = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module
+    @torch.no_grad()
+    def evaluate(self, k: int, cache: RowCache | None) -> float:
+        """Block k's output MSE against the FP block on one fixed batch, as it is now."""
+        block = self.blocks_q[k].module
+        data = self._batch(k, EVAL_ITERATION, cache)
+        set_timesteps(block, data["t"])
+        mse = per_sample_mse(block(*data["args"], **data["kwargs"]), data["target"]).mean()
+        return self._mean_over_ranks(mse).item()
+
+    def _train_block(self, k: int, first_phase: int, start: int) -> None:
+        """Phases `first_phase`, ... of block k, the first one from iteration `start` (a resumed checkpoint's)."""
+        name, block = self.blocks_q[k].name, self.blocks_q[k].module
         t0 = time.time()
-        cache = self.capture_rows(k) if start < cfg.iterations else None
+        cache = self.capture_rows(k)
         cache_seconds = time.time() - t0
-        bar = tqdm(range(start, cfg.iterations), desc=f"block {k + 1}/{len(self.blocks_q)} {name}",
+        if not self.current:
+            self.current = {"init_mse": self.evaluate(k, cache), "phases": []}
+        for p in range(first_phase, len(self.phases)):
+            phase, begin = self.phases[p], start if p == first_phase else 0
+            if not begin:  # a resumed phase was entered before its checkpoint was loaded
+                phase.enter(block)
+            groups = phase.param_groups(block)
+            if groups and begin < phase.iterations:
+                engine = self._engine(block, phase, groups)
+                if begin:
+                    self._load_engine(engine)
+                self.current["phases"].append(self._train_phase(engine, k, p, begin, cache))
+                del engine
+            else:
+                self.current["phases"].append({"phase": phase.name, "iterations": 0, "first_loss": None,
+                                               "final_loss": None, "seconds": 0.0, "samples_per_s": None})
+            phase.leave(block)
+            if p + 1 < len(self.phases):
+                self.save_checkpoint(DistillState(k, 0, p + 1))
+        phases = self.current["phases"]
+        seconds = sum(ph["seconds"] for ph in phases)
+        summary = {"block": name, "first_loss": phases[0]["first_loss"], "final_loss": phases[-1]["final_loss"],
+                   "iterations": sum(ph["iterations"] for ph in phases), "seconds": round(seconds, 3),
+                   "cache_seconds": round(cache_seconds, 3), "cached": cache is not None,
+                   "samples_per_s": round(sum(ph["iterations"] for ph in phases) * self.cfg.batch_size / seconds, 1)
+                   if seconds > 0 else None,
+                   "init_mse": self.current["init_mse"], "final_mse": self.evaluate(k, cache), "phases": phases}
+        self.summaries.append(summary)
+        if self.writer is not None:
+            self._log_histograms(block, name, k)
+            self.writer.add_scalar("block_mse/init", summary["init_mse"], k)  # a curve over the blocks
+            self.writer.add_scalar("block_mse/final", summary["final_mse"], k)
+        self._log(f"block {k + 1}/{len(self.blocks_q)} {name}: block-output MSE {summary['init_mse']:.3e} -> "
+                  f"{summary['final_mse']:.3e}")
+
+    def _train_phase(self, engine, k: int, p: int, start: int, cache: RowCache | None) -> dict:
+        cfg, name, block, phase = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module, self.phases[p]
+        tag = name if len(self.phases) == 1 else f"{name}/{phase.name}"
+        offset, per_block = self.phase_offsets[p], self.phase_offsets[-1]
+        bar = tqdm(range(start, phase.iterations), desc=f"block {k + 1}/{len(self.blocks_q)} {tag}",
                    disable=self.rank != 0, dynamic_ncols=True, leave=False, mininterval=2.0)
         t0, first_loss, loss_avg, samples = time.time(), None, None, 0
         for it in bar:
-            data = self._batch(k, it, cache)
+            data = self._batch(k, offset + it, cache)
             set_timesteps(block, data["t"])
-            per_sample = per_sample_mse(engine(*data["args"], **data["kwargs"]), data["target"])
-            loss = per_sample.mean()
-            loss_avg = self._mean_over_ranks(loss)
-            if not torch.isfinite(loss_avg):  # before the step: the parameters stay as the last good ones
+            per_sample, loss, scalars = phase.loss(block, engine(*data["args"], **data["kwargs"]), data["target"], it)
+            loss_avg = self._mean_over_ranks(per_sample.mean())
+            if not torch.isfinite(loss_avg) or not torch.isfinite(loss):  # before the step: parameters stay good
                 raise DivergenceError(f"block {name}, iteration {it}: loss is {loss_avg.item()} (non-finite); stopped "
                                       f"before the update; the last good checkpoint is kept in {self.out / CHECKPOINT}")
             engine.backward(loss)
@@ -385,33 +427,31 @@ class BlockDistiller:
                                       f"the last good checkpoint is kept in {self.out / CHECKPOINT}")
             first_loss = loss_avg.item() if first_loss is None else first_loss
             samples += cfg.batch_size
-            if self.writer is not None and (it % cfg.log_every == 0 or it == cfg.iterations - 1):
-                self._log_scalars(engine, name, k * cfg.iterations + it + 1, loss_avg.item(), per_sample, data["t"],
-                                  samples / (time.time() - t0))
+            if self.writer is not None and (it % cfg.log_every == 0 or it == phase.iterations - 1):
+                self._log_scalars(engine, tag, k * per_block + offset + it + 1, loss_avg.item(), per_sample,
+                                  data["t"], samples / (time.time() - t0), {f"{phase.name}/{key}": v
+                                                                            for key, v in scalars.items()})
             bar.set_postfix(loss=f"{loss_avg.item():.3e}")
-            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
-                self.save_checkpoint(DistillState(k, it + 1), engine)
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < phase.iterations:
+                self.save_checkpoint(DistillState(k, it + 1, p), engine)
         bar.close()
         seconds = time.time() - t0
-        summary = {"block": name, "first_loss": first_loss,
+        summary = {"phase": phase.name, "first_loss": first_loss,
                    "final_loss": loss_avg.item() if loss_avg is not None else None,
-                   "iterations": cfg.iterations - start, "seconds": round(seconds, 3),
-                   "cache_seconds": round(cache_seconds, 3), "cached": cache is not None,
+                   "iterations": phase.iterations - start, "seconds": round(seconds, 3),
                    "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None}
-        self.summaries.append(summary)
-        if self.writer is not None:
-            self._log_histograms(block, name, k)
         if first_loss is not None:
-            self._log(f"block {k + 1}/{len(self.blocks_q)} {name}: loss {first_loss:.3e} -> {summary['final_loss']:.3e} "
+            self._log(f"block {k + 1}/{len(self.blocks_q)} {tag}: loss {first_loss:.3e} -> {summary['final_loss']:.3e} "
                       f"({summary['iterations']} it, {seconds:.1f}s, {summary['samples_per_s']} samples/s"
                       f"{', inputs cached' if cache is not None else ''})")
+        return summary
 
     # -- logging ------------------------------------------------------------------------------------
     def _log(self, message: str) -> None:
         if self.rank == 0:
             print(f"[distill] {message}", flush=True)
 
-    def _log_scalars(self, engine, name, step, loss, per_sample, t, samples_per_s) -> None:
+    def _log_scalars(self, engine, name, step, loss, per_sample, t, samples_per_s, extra: dict) -> None:
         w = self.writer
         w.add_scalar(f"loss/{name}", loss, step)
         w.add_scalar("loss/all_blocks", loss, step)
@@ -422,10 +462,12 @@ class BlockDistiller:
             w.add_scalar(f"loss_by_timestep/{b * width:03d}-{(b + 1) * width - 1:03d}",
                          per_sample[buckets == b].mean().item(), step)
         groups = engine.optimizer.param_groups
-        for name, tag in (("weights", "lr/weights"), ("step_size", "lr/quantizers")):
-            group = next((g for g in groups if g.get("name", "").startswith(name)), None)
+        for prefix, tag in LR_TAGS.items():
+            group = next((g for g in groups if g.get("name", "").startswith(prefix)), None)
             if group is not None:  # step sizes: the rate relative to their scale, as configured
                 w.add_scalar(tag, group["lr"] / group.get("scale", 1.0), step)
+        for tag, value in extra.items():
+            w.add_scalar(tag, value, step)
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             w.add_scalar("grad_norm", float(grad_norm), step)

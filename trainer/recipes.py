@@ -1,0 +1,18 @@
+"""The recipes scripts/train.py runs, chosen by the config's `recipe` key: the phases every block goes through."""
+from __future__ import annotations
+
+from ..configs import ConfigError
+from .phases import DistillPhase, Phase
+from .qdiffusion import qdiffusion_phases
+
+RECIPES = ("dilatequant", "qdiffusion")
+
+
+def recipe_phases(cfg) -> list[Phase]:
+    """The phases of a TrainConfig's recipe: DilateQuant's one BKD phase, or Q-Diffusion's rounding then
+    activation step sizes."""
+    if cfg.recipe == "dilatequant":
+        return [DistillPhase(cfg.distill)]
+    if cfg.recipe == "qdiffusion":
+        return qdiffusion_phases(cfg.qdiffusion)
+    raise ConfigError(f"config key 'recipe': unknown recipe {cfg.recipe!r} (known: {', '.join(RECIPES)})")
