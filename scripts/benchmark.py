@@ -1,0 +1,285 @@
+"""The side-by-side benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same
+calibration data, seeds and sampler, each judged by scripts/eval.py on its export.
+
+    python scripts/benchmark.py                  # the full table (about 2 hours on a 2-core CPU)
+    python scripts/benchmark.py --quick          # W4A8 only, short training, 256 samples (about 15 minutes)
+
+Recipes (DESIGN.md §3.1–3.8; each a config in configs/, run by the stage scripts users run):
+  rtn              scripts/quantize.py --config configs/rtn.yaml (MSE ranges, one activation scale)
+  qdiffusion       scripts/train.py --config configs/qdiffusion.yaml (AdaRound + activation step sizes)
+  ptqd             the qdiffusion model, exported with PTQD's noise correction, sampled with it
+  dilatequant      scripts/train.py --config configs/dilatequant.yaml (Weight Dilation + TPQ + BKD)
+  dilatequant+ptqd the dilatequant model with PTQD's noise correction
+plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and a W4A4 dilatequant+ptqd row
+with step-aware mixed precision (A4/A8 by PTQD's noise rule).
+
+Every row: FD in the bench classifier's features and ΔFD vs FP (scripts/eval.py, FP sampled once, cached),
+PSNR vs FP on the same seeds, calibration wall time and peak memory of the stage that made the model (the
+process tree's RSS), exported size, bit-operations relative to FP. Rows land in OUT/results.json as they
+finish; a rerun skips finished rows and reuses trained models (train.py resumes from its checkpoint), so the
+benchmark can be stopped and resumed. The table goes to OUT/benchmark.md and, with --update FILE, between the
+`<!-- benchmark:begin -->` / `<!-- benchmark:end -->` markers of FILE.
+
+The calibration data: scripts/calibrate.py's trajectories (--trajectories, recorded with
+configs/calibrate.yaml if missing) for the trained recipes; rtn records the same trajectories itself (same
+seeds, sampler and every-5th-step selection: `calibration.num_samples` = the trajectories' count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from qdistill.trainer.checkpoint import atomic_write_text
+
+REPO = Path(__file__).resolve().parent.parent
+BITS = ("W8A8", "W4A8", "W4A4")
+RECIPES = ("rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd")
+MARK_BEGIN, MARK_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    recipe: str  # one of RECIPES, or "fp"
+    bits: str  # W8A8 / W4A8 / W4A4, or "FP32"
+    scheduler: str = "ddim"
+    mixed_precision: bool = False
+
+    @property
+    def name(self) -> str:
+        return (f"{self.recipe}-{self.bits}-{self.scheduler}" + ("-mp" if self.mixed_precision else "")).replace("+", "_")
+
+    @property
+    def base(self) -> str:
+        """The trained model the row exports: ptqd rows reuse their recipe's model."""
+        return {"ptqd": "qdiffusion", "dilatequant+ptqd": "dilatequant"}.get(self.recipe, self.recipe)
+
+    @property
+    def ptqd(self) -> bool:
+        return self.recipe.endswith("ptqd")
+
+
+def rows_for(bits: list[str], recipes: list[str], extra_rows: bool) -> list[Row]:
+    rows = [Row("fp", "FP32")]
+    rows += [Row(r, b) for b in bits for r in recipes]
+    if extra_rows:
+        ddpm_bits = "W4A8" if "W4A8" in bits else bits[0]
+        rows += [Row("fp", "FP32", "ddpm")]
+        rows += [Row(r, ddpm_bits, "ddpm") for r in ("qdiffusion", "ptqd") if r in recipes]
+        if "W4A4" in bits and "dilatequant+ptqd" in recipes:
+            rows.append(Row("dilatequant+ptqd", "W4A4", mixed_precision=True))
+    return rows
+
+
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a stage script; (wall seconds, peak RSS in MB of its whole process tree). Output goes to `log`;
+    a failure raises with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[benchmark] $ {' '.join(cmd)}", flush=True)
+    t0, peak = time.time(), 0.0
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{cmd[1]} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    return seconds, peak
+
+
+def train_model(recipe: str, bits: str, args, out: Path) -> dict:
+    """The quantized model of (recipe, bits): made once, timed; reused by later rows and reruns."""
+    run_dir = out / "models" / f"{recipe}-{bits}"
+    record = run_dir / "benchmark_stage.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    wb, ab = bits[1], bits[3]
+    py = sys.executable
+    common = [f"model={args.model}", f"out={run_dir}", f"quant.weight_bits={wb}", f"quant.act_bits={ab}"]
+    if recipe == "rtn":
+        cmd = [py, "scripts/quantize.py", "--config", str(args.configs / "rtn.yaml"), *common,
+               *same_calibration(args.trajectories), f"sampling.num_samples={args.fidelity_samples}"]
+    else:
+        cmd = [py, "scripts/train.py", "--config", str(args.configs / f"{recipe}.yaml"), *common,
+               f"trajectories={args.trajectories}", f"sampling.num_samples={args.fidelity_samples}"]
+        if recipe == "dilatequant":
+            cmd.append(f"distill.iterations={args.iterations}")
+        else:  # AdaRound, then activation step sizes: the config's 4:1 split of the iterations, its rates
+            rounding = max(1, args.iterations * 4 // 5)
+            cmd += [f"qdiffusion.rounding_iterations={rounding}",
+                    f"qdiffusion.act_iterations={max(1, args.iterations - rounding)}"]
+    seconds, peak = run(cmd, run_dir / "stage.log")
+    stage = {"run": str(run_dir), "calibration_seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1)}
+    atomic_write_text(record, json.dumps(stage, indent=2))
+    return stage
+
+
+def same_calibration(trajectories: str) -> list[str]:
+    """quantize.py overrides that record exactly the trajectories' rows: seeds, sampler, steps, selection."""
+    m = json.loads((Path(trajectories) / "manifest.json").read_text())
+    scheduler = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}.get(m["scheduler"]["class"])
+    if m["selection"]["mode"] != "uniform" or scheduler is None or m["conditioning"] != "none":
+        raise ValueError(f"{trajectories}: rtn re-records the trajectories and supports uniform selection of "
+                         f"unconditional DDIM/DDPM trajectories only (these: {m['selection']['mode']}, "
+                         f"{m['scheduler']['class']}, conditioning {m['conditioning']})")
+    return [f"calibration.num_samples={m['seeds']['count']}", f"calibration.seed={m['seeds']['start']}",
+            f"calibration.num_steps={m['num_steps']}", f"calibration.every={m['selection']['every']}",
+            f"calibration.scheduler={scheduler}", f"calibration.eta={m['eta']}",
+            f"calibration.batch_size={m['seeds']['batch_size']}"]
+
+
+def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> float:
+    """Bit-operations of a sampling run of the export relative to the FP model's (per-step bits included)."""
+    import torch
+
+    from qdistill.data.model_folder import load_scheduler
+    from qdistill.data.trajectories import sample_shape
+    from qdistill.export import load_exported
+    from qdistill.quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
+
+    q = load_exported(export, "simulated")
+    scheduler = load_scheduler(model, scheduler_name)
+    scheduler.set_timesteps(steps)
+    macs = layer_macs(q, {"sample": torch.zeros(1, *sample_shape(q)), "timestep": scheduler.timesteps[:1]})
+    fp = sum(macs.values()) * FP_BITS * FP_BITS
+    return sum(bit_operations(q, macs, float(t)) for t in scheduler.timesteps) / (fp * len(scheduler.timesteps))
+
+
+def evaluate(row: Row, args, out: Path) -> dict:
+    py = sys.executable
+    row_dir = out / "rows" / row.name
+    sampler = ["--scheduler", row.scheduler, "--steps", str(args.steps)]
+    common = [*sampler, "--num-samples", str(args.num_samples), "--fidelity-samples", str(args.fidelity_samples),
+              "--classifier", args.classifier, "--cache-dir", str(out / "fp_cache"), "--reference", args.model]
+    stage = train_model(row.base, row.bits, args, out)
+    export = row_dir / "export"
+    cmd = [py, "scripts/export.py", "--run", stage["run"], "--out", str(export)]
+    nc = ["--nc-samples", str(args.nc_samples), "--nc-steps", str(args.steps), "--nc-scheduler", row.scheduler]
+    if row.ptqd:
+        cmd += ["--noise-correction", *nc]
+    if row.mixed_precision:
+        cmd += ["--mixed-precision"] + ([] if row.ptqd else nc)
+    run(cmd, row_dir / "export.log")
+    eval_cmd = [py, "scripts/eval.py", "--model", str(export), "--out", str(row_dir / "eval"), *common,
+                "--mode", args.mode]
+    run(eval_cmd + (["--ptqd"] if row.ptqd else []), row_dir / "eval.log")
+    m = json.loads((row_dir / "eval" / "metrics.json").read_text())
+    meta = json.loads((export / "quant_config.json").read_text())
+    return {"fd": m.get("fd"), "delta_fd": m.get("delta_fd"), "fd_fp": m.get("fd_fp"), "psnr_db": m.get("psnr_db"),
+            "calibration_seconds": stage["calibration_seconds"], "peak_rss_mb": stage["peak_rss_mb"],
+            "export_bytes": meta["size"]["file_bytes"],
+            "relative_bops": relative_bops(export, row.scheduler, args.steps, args.model),
+            "step_bits": meta.get("step_bits", {}).get("act_bits")}
+
+
+def fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(rows: list[Row], results: dict, args) -> str:
+    from qdistill.data.model_folder import resolve
+
+    lines = [f"Bench model `{args.model}`; {args.num_samples} samples per row on seeds 100000…, {args.steps} steps, "
+             f"quantized models sampled on `{args.mode}` kernels; {args.iterations} training iterations per block; "
+             f"PTQD statistics from {args.nc_samples} FP trajectories.", "",
+             "| recipe | bits | sampler | FD | ΔFD vs FP | PSNR vs FP (dB) | calibration (s) | peak memory (MB) | "
+             "export (KiB) | BOPs vs FP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fp_size = sum(f.stat().st_size for f in resolve(args.model)[0].glob("*.safetensors"))
+    for row in rows:
+        r = results.get(row.name)
+        if row.recipe == "fp":  # every eval scores the FP model on the same seeds and sampler (cached)
+            fd_fp = next((x["fd_fp"] for x in results.values() if x["row"]["scheduler"] == row.scheduler
+                          and x.get("fd_fp") is not None), None)
+            r = {"fd": fd_fp, "delta_fd": 0.0 if fd_fp is not None else None, "export_bytes": fp_size,
+                 "relative_bops": 1.0} if any(x["row"]["scheduler"] == row.scheduler for x in results.values()) else None
+        if r is None:
+            lines.append(f"| {row.recipe} | {row.bits} | {row.scheduler} | not run yet | | | | | | |")
+            continue
+        delta = None
+        if r.get("delta_fd") is not None and r.get("fd_fp"):
+            delta = f"{r['delta_fd']:+.2f} ({100 * r['delta_fd'] / r['fd_fp']:+.1f} %)"
+        elif r.get("delta_fd") is not None:
+            delta = f"{r['delta_fd']:+.2f}"
+        recipe = row.recipe + (" + mixed precision" if row.mixed_precision else "")
+        lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
+                     f"{fmt(r.get('psnr_db'), '.2f')} | {fmt(r.get('calibration_seconds'), '.0f')} | "
+                     f"{fmt(r.get('peak_rss_mb'), '.0f')} | {r['export_bytes'] / 1024:.0f} | "
+                     f"{r['relative_bops']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="W4A8 only, 30 iterations per block, 256 samples, 25 steps")
+    p.add_argument("--out", default=None, help="results folder (default runs/benchmark or runs/benchmark-quick)")
+    p.add_argument("--model", default="bench/teacher")
+    p.add_argument("--trajectories", default="runs/trajectories")
+    p.add_argument("--classifier", default="bench/classifier")
+    p.add_argument("--configs", type=Path, default=REPO / "configs", help="folder of the recipe configs")
+    p.add_argument("--bits", nargs="+", choices=BITS, default=None)
+    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per block (default 300; quick 30)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 1000; quick 256)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; quick 25)")
+    p.add_argument("--fidelity-samples", type=int, default=16)
+    p.add_argument("--nc-samples", type=int, default=64, help="FP trajectories for PTQD's statistics")
+    p.add_argument("--mode", choices=("integer", "simulated"), default="integer")
+    p.add_argument("--no-extra-rows", action="store_true", help="skip the DDPM and mixed-precision rows")
+    p.add_argument("--update", default=None, help="also write the table into this Markdown file's marked section")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.bits = args.bits or (["W4A8"] if quick else list(BITS))
+    args.iterations = args.iterations or (30 if quick else 300)
+    args.num_samples = args.num_samples or (256 if quick else 1000)
+    args.steps = args.steps or (25 if quick else 50)
+    out = Path(args.out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("update", "out")}
+
+    results_file = out / "results.json"
+    saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if saved.get("settings", settings) != settings:
+        print(f"qdistill: error: {results_file} was made with other settings ({saved['settings']}); "
+              "use another --out", file=sys.stderr)
+        return 2
+    results = saved.get("rows", {})
+    if not (Path(args.trajectories) / "manifest.json").is_file():
+        run([sys.executable, "scripts/calibrate.py", "--config", str(args.configs / "calibrate.yaml"),
+             f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
+    rows = rows_for(args.bits, args.recipes, not args.no_extra_rows)
+    t_start = time.time()
+    for i, row in enumerate(rows):
+        if row.name in results or row.recipe == "fp":
+            continue
+        print(f"[benchmark] row {i + 1}/{len(rows)}: {row.name} ({time.time() - t_start:.0f}s so far)", flush=True)
+        results[row.name] = {"row": asdict(row), **evaluate(row, args, out)}
+        saved = {"settings": settings, "rows": results}
+        atomic_write_text(results_file, json.dumps(saved, indent=2))  # after every row: a rerun resumes here
+    text = table(rows, results, args)
+    (out / "benchmark.md").write_text(text)
+    if args.update:
+        doc = Path(args.update).read_text()
+        if MARK_BEGIN not in doc or MARK_END not in doc:
+            print(f"qdistill: error: {args.update} has no {MARK_BEGIN} … {MARK_END} section", file=sys.stderr)
+            return 2
+        head, rest = doc.split(MARK_BEGIN, 1)
+        Path(args.update).write_text(head + MARK_BEGIN + "\n" + text + MARK_END + rest.split(MARK_END, 1)[1])
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
