@@ -1,8 +1,8 @@
 """The side-by-side benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same
 calibration data, seeds and sampler, each judged by scripts/eval.py on its export.
 
-    python scripts/benchmark.py                  # the full table (about 2 hours on a 2-core CPU)
-    python scripts/benchmark.py --quick          # W4A8 only, short training, 256 samples (about 15 minutes)
+    python scripts/benchmark.py                  # the full table (about 75 minutes on a 2-core CPU)
+    python scripts/benchmark.py --quick          # W4A8 only, short training, 256 samples (about 10 minutes)
 
 Recipes (DESIGN.md §3.1–3.8; each a config in configs/, run by the stage scripts users run):
   rtn              scripts/quantize.py --config configs/rtn.yaml (MSE ranges, one activation scale)
@@ -231,8 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="folder of the recipe configs")
     p.add_argument("--bits", nargs="+", choices=BITS, default=None)
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per block (default 300; quick 30)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 1000; quick 256)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per block (default 200; quick 30)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 500; quick 256)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; quick 25)")
     p.add_argument("--fidelity-samples", type=int, default=16)
     p.add_argument("--nc-samples", type=int, default=64, help="FP trajectories for PTQD's statistics")
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     quick = args.quick
     args.bits = args.bits or (["W4A8"] if quick else list(BITS))
-    args.iterations = args.iterations or (30 if quick else 300)
-    args.num_samples = args.num_samples or (256 if quick else 1000)
+    args.iterations = args.iterations or (30 if quick else 200)
+    args.num_samples = args.num_samples or (256 if quick else 500)
     args.steps = args.steps or (25 if quick else 50)
     out = Path(args.out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
     out.mkdir(parents=True, exist_ok=True)
