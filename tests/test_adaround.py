@@ -13,11 +13,10 @@ import time
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, load_script
+from conftest import REPO
 from qdistill.configs import ConfigError, load_config
 from qdistill.configs.schema import QDiffusionConfig, TrainConfig
 from qdistill.quantizers import LayerSpec, QuantConv2d, QuantLinear, UniformQuantizer
@@ -25,7 +24,7 @@ from qdistill.quantizers.adaround import (AdaRoundQuantizer, alpha_for, attach_a
                                           harden, rectified_sigmoid, rounding_regularizer)
 from qdistill.trainer.phases import cosine
 from qdistill.trainer.qdiffusion import RoundingPhase
-from test_distill import assert_states_close, launch, tiny_unet, trained_state
+from test_distill import assert_states_close, launch, make_tiny_bench, trained_state
 
 
 def split_conv(init: str = "minmax", seed: int = 0) -> QuantConv2d:
@@ -160,13 +159,7 @@ def test_an_unknown_recipe_is_a_config_error_naming_the_key():
 @pytest.fixture(scope="module")
 def qbench(tmp_path_factory):
     """The tiny DDPM of test_distill and its trajectories: 4 seeds x 5 of 10 DDIM steps, one seed per shard."""
-    root = tmp_path_factory.mktemp("qdiffusion")
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(root / "model")
-    rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={root / 'model'}",
-                                        f"out={root / 'traj'}", "num_samples=4", "batch_size=1", "num_steps=10",
-                                        "every=2"])
-    assert rc == 0
-    return root
+    return make_tiny_bench(tmp_path_factory.mktemp("qdiffusion"), num_samples=4, batch_size=1)
 
 
 def qdiffusion_args(bench, out) -> list[str]:

@@ -39,11 +39,16 @@ def tiny_unet():
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """A tiny DDPM pipeline and its calibration trajectories: 8 seeds x 5 of 10 DDIM steps, 4 shards."""
-    root = tmp_path_factory.mktemp("distill")
+    return make_tiny_bench(tmp_path_factory.mktemp("distill"), num_samples=8, batch_size=2)
+
+
+def make_tiny_bench(root, num_samples: int, batch_size: int):
+    """The tiny DDPM saved under root/model and its trajectories under root/traj (5 of 10 DDIM steps kept,
+    one shard per `batch_size` seeds)."""
     DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(root / "model")
     rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={root / 'model'}",
-                                        f"out={root / 'traj'}", "num_samples=8", "batch_size=2", "num_steps=10",
-                                        "every=2"])
+                                        f"out={root / 'traj'}", f"num_samples={num_samples}",
+                                        f"batch_size={batch_size}", "num_steps=10", "every=2"])
     assert rc == 0
     return root
 
