@@ -156,3 +156,58 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class MeasureConfig:
+    """The FP sampler trajectories (every step kept) that PTQD's statistics and the mixed-precision schedule
+    are measured on: use the sampler the model will sample with."""
+
+    samples: int = 64
+    steps: int = 50
+    scheduler: Literal["ddim", "ddpm"] = "ddim"
+    eta: float = 0.0
+    seed: int = 200_000  # trajectories use seeds seed, seed+1, ... (apart from calibration's and eval's)
+    batch_size: int = 16
+
+    def __post_init__(self):
+        for key in ("samples", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"measure.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eta < 0:
+            raise ValueError(f"measure.eta must be >= 0, got {self.eta}")
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """PTQD's step-aware mixed precision: each sampler step runs the model as trained (low precision) or with
+    its low-bit activations at `act_bits`, and optionally its low-bit weights at `weight_bits` (a second weight
+    copy in the export, quantized from the FP model), chosen by PTQD's noise rule under `bops_budget`."""
+
+    enabled: bool = False
+    bops_budget: float | None = None  # bit-operations of a sampling run relative to the FP model's, e.g. 0.025
+    act_bits: int = 8
+    weight_bits: int | None = None  # None: weights keep their bits on every step (one weight copy)
+    weight_source: Literal["fp", "trained"] = "fp"  # what the copy quantizes: the FP model's weights (dilated
+    # like the layer's) or the run's own float weights (AdaRound's sit on their 4-bit grid: use fp there)
+
+    def __post_init__(self):
+        if self.bops_budget is not None and self.bops_budget <= 0:
+            raise ValueError(f"mixed_precision.bops_budget must be > 0, got {self.bops_budget}")
+        for key in ("act_bits", "weight_bits"):
+            value = getattr(self, key)
+            if value is not None and not 2 <= value <= 8:
+                raise ValueError(f"mixed_precision.{key} must be in 2..8, got {value}")
+
+
+@dataclass
+class ExportConfig:
+    """scripts/export.py: a run's quantized model as a packed integer export, optionally with PTQD's noise
+    correction (the `ptqd` and `dilatequant+ptqd` recipes) and step-aware mixed precision."""
+
+    run: str = ""  # a run folder (holding quantized/) or a quantized folder
+    out: str = ""  # default: RUN/export
+    recipe: str | None = None  # the name recorded in the export; default the run's (+ "+ptqd" with noise correction)
+    noise_correction: bool = False  # measure and store PTQD's per-step statistics (eval.py samples with them)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)

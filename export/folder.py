@@ -4,7 +4,10 @@
                                4-bit codes per byte or one 8-bit code), `.scale` and `.zero_point` (one per
                                output channel); the TPQ tables `<layer>.input_quantizers.<g>.{delta,zero,
                                timesteps}`; `<layer>.dilation_scale` (Weight Dilation); every FP tensor
-                               (biases, norms, layers kept in FP) under its own state-dict name
+                               (biases, norms, layers kept in FP) under its own state-dict name; a layer with
+                               a second weight copy (step-aware mixed precision, format 2) also has
+                               `<layer>.step_weights.weight.<g>.{codes,scale,zero_point}` and the steps that
+                               use it, `<layer>.step_weights.{timesteps,use}`
     OUT/quant_config.json      format version, qdistill version, recipe, bits and granularity, every quantized
                                layer (shape, bits, groups, TPQ rows) and every FP layer, source model and hash,
                                sha256 and size of model.safetensors, the size report
@@ -34,10 +37,12 @@ from ..quantizers.integer_layers import to_integer
 from ..quantizers.layers import QUANT_LAYERS
 from ..quantizers.noise_correction import NoiseCorrection
 from ..quantizers.packing import pack_codes, unpack_codes
+from ..quantizers.step_weights import StepWeights
 from ..quantizers.uniform import UniformQuantizer
 from ..trainer.checkpoint import atomic_dir
 
-EXPORT_FILE, META_FILE, FORMAT, FORMAT_VERSION = "model.safetensors", "quant_config.json", "qdistill-export", 1
+# Format 2 adds second weight copies (step weights); exports without them are still written as format 1.
+EXPORT_FILE, META_FILE, FORMAT, FORMAT_VERSION = "model.safetensors", "quant_config.json", "qdistill-export", 2
 NOISE_CORRECTION_FILE = "noise_correction.safetensors"
 MODES = ("simulated", "integer")
 
@@ -59,6 +64,49 @@ def _canonical(q: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return q.delta.detach().abs().clamp_min(1e-10).float().cpu(), q.zero.detach().round().float().cpu()
 
 
+def _pack_weight(prefix: str, weight: torch.Tensor, quantizers, input_groups, state: dict, tensors: dict,
+                 size: dict | None = None) -> int:
+    """Move the weight `prefix` (and its quantizers' Δ, z) out of `state` into packed codes, per input group,
+    in `tensors`; returns the packed bytes (and adds them to `size["by_bits"]` when given)."""
+    del state[prefix]
+    packed_bytes = 0
+    qprefix = prefix.rpartition(".")[0]
+    qprefix = f"{qprefix}.weight_quantizers" if qprefix else "weight_quantizers"
+    for g, (q, (a, b)) in enumerate(zip(quantizers, input_groups)):
+        w = weight.detach()[:, a:b].cpu()
+        codes = pack_codes(q.to_int(w), q.bits, q.qmin)
+        scale, zero = _canonical(q)
+        for key in ("delta", "zero"):
+            state.pop(f"{qprefix}.{g}.{key}", None)
+        tensors[f"{prefix}.{g}.codes"] = codes
+        tensors[f"{prefix}.{g}.scale"] = scale
+        tensors[f"{prefix}.{g}.zero_point"] = zero.to(torch.int16)
+        group_bytes = codes.numel() + 6 * scale.numel()  # codes, fp32 scale, int16 zero point
+        packed_bytes += group_bytes
+        if size is not None:
+            per_bits = size["by_bits"].setdefault(str(q.bits), {"fp32_bytes": 0, "packed_bytes": 0})
+            per_bits["fp32_bytes"] += 4 * w.numel()
+            per_bits["packed_bytes"] += group_bytes
+    return packed_bytes
+
+
+def _unpack_weight(prefix: str, quantizers, input_groups, shape: list[int], tensors: dict, state: dict) -> None:
+    """The inverse of `_pack_weight`: the dequantized weight and its quantizers' Δ, z into `state`."""
+    weight = torch.empty(shape)
+    qprefix = prefix.rpartition(".")[0]
+    qprefix = f"{qprefix}.weight_quantizers" if qprefix else "weight_quantizers"
+    bshape = (-1,) + (1,) * (weight.dim() - 1)
+    for g, (q, (a, b)) in enumerate(zip(quantizers, input_groups)):
+        q: UniformQuantizer
+        scale = tensors.pop(f"{prefix}.{g}.scale")
+        zero = tensors.pop(f"{prefix}.{g}.zero_point").float()
+        codes = unpack_codes(tensors.pop(f"{prefix}.{g}.codes"), q.bits, q.qmin, [shape[0], b - a, *shape[2:]])
+        weight[:, a:b] = (codes.float() - zero.view(bshape)) * scale.view(bshape)
+        state[f"{qprefix}.{g}.delta"] = scale
+        state[f"{qprefix}.{g}.zero"] = zero
+    state[prefix] = weight
+
+
 @torch.no_grad()
 def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_model: str | None = None,
                  source_model_hash: str | None = None, scheduler_config: dict | None = None,
@@ -75,21 +123,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
     size = {"quantized_layers_fp32_bytes": 0, "quantized_layers_packed_bytes": 0, "by_bits": {}}
     for name, m in model.named_modules():
         if isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers):
-            del state[f"{name}.weight"]
-            for g, (q, (a, b)) in enumerate(zip(m.weight_quantizers, m.input_groups)):
-                w = m.weight.detach()[:, a:b].cpu()
-                codes = pack_codes(q.to_int(w), q.bits, q.qmin)
-                scale, zero = _canonical(q)
-                for key in ("delta", "zero"):
-                    state.pop(f"{name}.weight_quantizers.{g}.{key}", None)
-                tensors[f"{name}.weight.{g}.codes"] = codes
-                tensors[f"{name}.weight.{g}.scale"] = scale
-                tensors[f"{name}.weight.{g}.zero_point"] = zero.to(torch.int16)
-                packed_bytes = codes.numel() + 6 * scale.numel()  # codes, fp32 scale, int16 zero point
-                size["quantized_layers_packed_bytes"] += packed_bytes
-                per_bits = size["by_bits"].setdefault(str(q.bits), {"fp32_bytes": 0, "packed_bytes": 0})
-                per_bits["fp32_bytes"] += 4 * (b - a) * m.weight[0, 0].numel() * m.weight.shape[0]
-                per_bits["packed_bytes"] += packed_bytes
+            size["quantized_layers_packed_bytes"] += _pack_weight(f"{name}.weight", m.weight, m.weight_quantizers,
+                                                                  m.input_groups, state, tensors, size)
             size["quantized_layers_fp32_bytes"] += 4 * m.weight.numel()
             layers[name] = {
                 "kind": "conv2d" if isinstance(m, nn.Conv2d) else "linear",
@@ -98,6 +133,12 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
                 "act_bits": m.spec.act_bits, "act_symmetric": m.spec.act_symmetric,
                 "tpq_rows": [int(q.timesteps.numel()) for q in m.input_quantizers],
             }
+            if m.step_weights is not None:  # the second weight copy of step-aware mixed precision
+                sw = m.step_weights
+                size["step_weights_packed_bytes"] = size.get("step_weights_packed_bytes", 0) + _pack_weight(
+                    f"{name}.step_weights.weight", sw.weight, sw.weight_quantizers, m.input_groups, state, tensors)
+                layers[name]["step_weights"] = {"bits": sw.bits, "symmetric": sw.weight_quantizers[0].symmetric,
+                                                "steps": int(sw.use.numel()), "steps_used": int(sw.use.sum())}
         elif isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, QUANT_LAYERS):
             fp_layers.append(name)
     for key, value in list(state.items()):  # activation tables: canonical (Δ, z), as fake quantization reads them
@@ -106,7 +147,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
             state[key[:-6] + ".zero"] = state[key[:-6] + ".zero"].round()
     tensors.update({k: v.contiguous() for k, v in state.items()})
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "qdistill_version": qdistill.__version__,
+        "format": FORMAT, "format_version": 2 if any("step_weights" in v for v in layers.values()) else 1, "qdistill_version": qdistill.__version__,
         "model_class": type(model).__name__, "recipe": recipe, "source_model": source_model,
         "source_model_hash": source_model_hash, "quant_config": config.to_dict(),
         "granularity": {"weights": "per output channel", "activations": "per tensor, one row per calibrated "
@@ -210,18 +251,13 @@ def load_exported(path: str | Path, mode: str = "simulated"):
             m = model.get_submodule(name)
             if [list(g) for g in m.input_groups] != spec["input_groups"] or list(m.weight.shape) != spec["weight_shape"]:
                 raise ExportError(f"{path / META_FILE}: layer {name} does not match the model its config builds")
-            weight = torch.empty(spec["weight_shape"])
-            for g, (q, (a, b)) in enumerate(zip(m.weight_quantizers, m.input_groups)):
-                q: UniformQuantizer
-                scale = tensors.pop(f"{name}.weight.{g}.scale")
-                zero = tensors.pop(f"{name}.weight.{g}.zero_point").float()
-                codes = unpack_codes(tensors.pop(f"{name}.weight.{g}.codes"), q.bits, q.qmin,
-                                     [spec["weight_shape"][0], b - a, *spec["weight_shape"][2:]])
-                bshape = (-1,) + (1,) * (weight.dim() - 1)
-                weight[:, a:b] = (codes.float() - zero.view(bshape)) * scale.view(bshape)
-                state[f"{name}.weight_quantizers.{g}.delta"] = scale
-                state[f"{name}.weight_quantizers.{g}.zero"] = zero
-            state[f"{name}.weight"] = weight
+            _unpack_weight(f"{name}.weight", m.weight_quantizers, m.input_groups, spec["weight_shape"], tensors, state)
+            if "step_weights" in spec:
+                sw = spec["step_weights"]
+                m.step_weights = StepWeights(torch.empty(spec["weight_shape"]), m.input_groups, sw["bits"],
+                                             sw["symmetric"])
+                _unpack_weight(f"{name}.step_weights.weight", m.step_weights.weight_quantizers, m.input_groups,
+                               spec["weight_shape"], tensors, state)
     except (KeyError, ValueError, AttributeError) as e:
         if isinstance(e, ExportError):
             raise

@@ -6,7 +6,8 @@ the kernel with the layer's integer weight codes. Weight zero points: a 4-bit gr
 so the kernel gets `q − z` and zero point 0; an asymmetric 8-bit grid's does not, so the kernel gets
 `q − 128` plus one extra output channel of ones that returns Σ x̂ over each window, and the layer subtracts
 `Δ_w · (z − 128) · Σ x̂`. Both are exact integer arithmetic; only the final float scaling differs from the
-simulated float kernels.
+simulated float kernels. A layer with step weights (a second weight copy for some sampler steps) prepacks both
+copies; each sample runs on its step's.
 """
 from __future__ import annotations
 
@@ -35,21 +36,23 @@ def simulated_reason(layer: nn.Module) -> str | None:
 
 
 class _IntegerWeights:
-    """One input group's int8 weight, prepacked, with per-output-channel scales and the zero-point
-    correction (None when q − z fits in int8)."""
+    """One input group's int8 weight, prepacked, with per-output-channel scales, its bias and the zero-point
+    correction (None when q − z fits in int8; else the ones channel is appended, with bias 0)."""
 
-    def __init__(self, weight: torch.Tensor, quantizer, is_conv: bool, conv_args):
+    def __init__(self, weight: torch.Tensor, quantizer, bias: torch.Tensor | None, is_conv: bool, conv_args):
         codes = quantizer.to_int(weight).to(torch.int32)
         shape = (-1,) + (1,) * (weight.dim() - 1)
         zero = quantizer.zero.detach().round().to(torch.int32)
         self.scale = quantizer.delta.detach().abs().clamp_min(1e-10).float()
         self.correction = None
+        self.bias = bias
         w = codes - zero.view(shape)
         if int(w.min()) < -128 or int(w.max()) > 127:
             shift = (quantizer.qmin + quantizer.qmax + 1) // 2
             w = torch.cat([codes - shift, torch.ones_like(codes[:1])])
             self.correction = self.scale * (zero - shift).float()
             self.scale = torch.cat([self.scale, self.scale.new_ones(1)])
+            self.bias = torch.cat([bias if bias is not None else torch.zeros(weight.shape[0]), torch.zeros(1)])
         self.packed = kernels.prepack_conv2d(w, self.scale, *conv_args) if is_conv else kernels.prepack_linear(w)
 
 
@@ -62,20 +65,17 @@ class IntegerLayer(nn.Module):
         self.channel_dim = layer.channel_dim
         self.input_groups = list(layer.input_groups)
         self.input_quantizers: nn.ModuleList = layer.input_quantizers  # the TPQ tables; timesteps routed here
+        self.step_weights = layer.step_weights  # the schedule of a second weight copy (timesteps routed here)
         self.register_buffer("dilation_scale", layer.dilation_scale.detach().clone())
         self.dilated = bool((self.dilation_scale != 1).any())
         self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups) if self.is_conv else None
         self.out_features = layer.weight.shape[0]
-        w = layer.weight.detach()
-        self.weights = [_IntegerWeights(w[:, a:b], q, self.is_conv, self.conv_args)
-                        for q, (a, b) in zip(layer.weight_quantizers, self.input_groups)]
         bias = layer.bias.detach().float() if layer.bias is not None else None
-        self.biases = []
-        for g, iw in enumerate(self.weights):  # the bias goes with the first group; the ones channel gets 0
-            b = bias if g == 0 else None
-            if iw.correction is not None:
-                b = torch.cat([b if b is not None else torch.zeros(self.out_features), torch.zeros(1)])
-            self.biases.append(b)
+        # weights[0]: the layer's own, per input group; weights[1]: the step-weight copy's. The bias goes
+        # with the first group.
+        self.weights = [self._pack(layer.weight, layer.weight_quantizers, bias)]
+        if self.step_weights is not None:
+            self.weights.append(self._pack(self.step_weights.weight, self.step_weights.weight_quantizers, bias))
         # Per input group and TPQ row: (Δ, zero point, 1 / (Δ · dilation) in the input's layout, top code);
         # codes are shifted to start at 0 (uint8) and the zero point with them. Rows may differ in bits
         # (step-aware mixed precision): each has its own range.
@@ -92,12 +92,16 @@ class IntegerLayer(nn.Module):
                              qmax - qmin))
             self.tables.append(rows)
 
-    def _kernel(self, g: int, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
-        iw = self.weights[g]
+    def _pack(self, weight: torch.Tensor, quantizers, bias) -> list[_IntegerWeights]:
+        w = weight.detach()
+        return [_IntegerWeights(w[:, a:b], q, bias if g == 0 else None, self.is_conv, self.conv_args)
+                for g, (q, (a, b)) in enumerate(zip(quantizers, self.input_groups))]
+
+    def _kernel(self, iw: _IntegerWeights, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
         if self.is_conv:
-            y = kernels.conv2d(qx, x_scale, x_zero, iw.packed, iw.scale, self.biases[g], *self.conv_args)
+            y = kernels.conv2d(qx, x_scale, x_zero, iw.packed, iw.scale, iw.bias, *self.conv_args)
         else:
-            y = kernels.linear(qx, x_scale, x_zero, iw.packed, iw.scale, self.biases[g])
+            y = kernels.linear(qx, x_scale, x_zero, iw.packed, iw.scale, iw.bias)
         if iw.correction is None:
             return y
         c = self.out_features
@@ -108,16 +112,21 @@ class IntegerLayer(nn.Module):
     def _group(self, g: int, x: torch.Tensor) -> torch.Tensor:
         quantizer: TemporalQuantizer = self.input_quantizers[g]
         table = self.tables[g]
-        rows = quantizer.rows_for(quantizer._current_t(x.shape[0]))
-        first = int(rows[0])
-        if bool((rows == first).all()):  # the sampler's case: one timestep per call
-            delta, zero, inv, top = table[first]
-            return self._kernel(g, kernels.quantize_activation(x, inv, zero, top), delta, zero)
+        # per sample: its TPQ row, and which weight copy its step uses; one kernel call per distinct pair
+        keys = quantizer.rows_for(quantizer._current_t(x.shape[0])) * len(self.weights)
+        if self.step_weights is not None:
+            keys = keys + self.step_weights.current(x.shape[0]).to(keys.device, keys.dtype)
+        first = int(keys[0])
+        if bool((keys == first).all()):  # the sampler's case: one timestep per call
+            delta, zero, inv, top = table[first // len(self.weights)]
+            iw = self.weights[first % len(self.weights)][g]
+            return self._kernel(iw, kernels.quantize_activation(x, inv, zero, top), delta, zero)
         out = None
-        for r in rows.unique().tolist():  # mixed timesteps: one kernel call per TPQ row
-            idx = (rows == r).nonzero().squeeze(1)
-            delta, zero, inv, top = table[r]
-            y = self._kernel(g, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
+        for k in keys.unique().tolist():
+            idx = (keys == k).nonzero().squeeze(1)
+            delta, zero, inv, top = table[k // len(self.weights)]
+            iw = self.weights[k % len(self.weights)][g]
+            y = self._kernel(iw, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[idx] = y

@@ -9,6 +9,9 @@ then behaves like two layers summed, one per half of `concat(h_deep, h_skip)`.
 
 Weight Dilation (§3.3) stores s per input channel in the `dilation_scale` buffer: the weight holds s·W and
 the input is divided by s as the first part of the input quantization step.
+
+A layer may also hold `step_weights` (quantizers/step_weights.py): a second, higher-bit weight copy that the
+sampler steps of a step-aware mixed-precision schedule use; each sample runs on its own step's weight.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dilation import dilate_weight, dilation_factors
+from .step_weights import StepWeights
 from .temporal import TemporalQuantizer
 from .uniform import UniformQuantizer
 
@@ -54,6 +58,7 @@ class QuantLayerMixin:
         )
         if spec.act_bits is not None:
             self.register_buffer("dilation_scale", torch.ones(in_ch, device=self.weight.device))
+        self.step_weights: StepWeights | None = None
 
     @property
     def can_dilate(self) -> bool:
@@ -92,6 +97,19 @@ class QuantLayerMixin:
         parts = [q(x.narrow(self.channel_dim, a, b - a)) for q, (a, b) in zip(self.input_quantizers, self.input_groups)]
         return torch.cat(parts, dim=self.channel_dim)
 
+    def _forward_with(self, op, x: torch.Tensor) -> torch.Tensor:
+        """op(quantized input, quantized weight); with step weights, each sample uses its step's weight."""
+        xq = self.quant_input(x)
+        if self.step_weights is None:
+            return op(xq, self.quant_weight())
+        high = self.step_weights.current(x.shape[0])
+        if bool(high.all()):
+            return op(xq, self.step_weights.quant_weight())
+        if not bool(high.any()):
+            return op(xq, self.quant_weight())
+        out_high, out_low = op(xq, self.step_weights.quant_weight()), op(xq, self.quant_weight())
+        return torch.where(high.view((-1,) + (1,) * (out_low.dim() - 1)), out_high, out_low)
+
     def extra_repr(self) -> str:
         split = f", split={[b for _, b in self.input_groups[:-1]]}" if len(self.input_groups) > 1 else ""
         return f"{super().extra_repr()}, W{self.spec.weight_bits}A{self.spec.act_bits}{split}"
@@ -110,7 +128,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._forward_with(lambda xq, w: self._conv_forward(xq, w, self.bias), x)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -125,7 +143,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._forward_with(lambda xq, w: F.linear(xq, w, self.bias), x)
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)

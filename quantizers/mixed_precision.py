@@ -1,16 +1,19 @@
-"""PTQD's step-aware mixed precision (DESIGN.md §3.7): one activation bit-width per denoising step.
+"""PTQD's step-aware mixed precision (DESIGN.md §3.7): a low- or high-precision setting per denoising step.
 
 Quantization noise hurts little while the sample is still mostly noise and a lot at the end of sampling. At
-each step the residual noise that the low-bit model adds to the update, |c_t|·σ_q(t) (c_t the coefficient of
-ε̂ in the update, σ_q the PTQD residual after correction), is compared with the noise the sampler's own
-next sample carries, √(1 − ᾱ_prev): where it stays below, the step runs at the low bit-width. If the schedule
+each step the residual noise that the low-precision model adds to the update, |c_t|·σ_q(t) (c_t the coefficient
+of ε̂ in the update, σ_q the PTQD residual after correction), is compared with the noise the sampler's own
+next sample carries, √(1 − ᾱ_prev): where it stays below, the step runs at low precision. If the schedule
 still costs more bit-operations than the budget, the steps with the smallest noise ratio go low too, in that
 order; a budget below the all-low cost is an error.
 
-The schedule is stored in the temporal quantizers themselves: a table row per step with that step's
-bit-width (`TemporalQuantizer.row_bits`), filled from the low-bit model's rows and from a high-bit copy
-calibrated per timestep (`with_act_bits`). Checkpoints, exports, `integer` mode and every sampler then use
-each step's bit-width with no further plumbing. Weight bit-widths stay as they are (one weight copy).
+Low precision is the model as trained; high precision is a copy with its low-bit activation quantizers at
+higher bits, calibrated per timestep (`with_act_bits`), and optionally its low-bit weights at higher bits
+too (`with_weight_bits`: the FP model's weights, dilated like the layer's, quantized afresh). The schedule is
+stored in the model itself (`apply_step_bits`): activation tables get a row per step with that step's
+bit-width (`TemporalQuantizer.row_bits`), and a layer whose weight bits switch holds the high-bit copy as
+`step_weights` with the steps that use it (quantizers/step_weights.py). Checkpoints, exports (two weight
+copies), `integer` mode and every sampler then use each step's bits with no further plumbing.
 
 Bit-operations (BOPs) count the multiply-accumulates of every Conv2d/Linear, weighted by weight bits ×
 activation bits (32 × 32 for floating-point layers); attention's two activation-activation matmuls are not
@@ -19,24 +22,30 @@ counted (they are the same in every schedule).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .dilation import dilate_weight
 from .layers import QUANT_LAYERS
+from .step_weights import StepWeights
 from .temporal import TemporalQuantizer
+from .uniform import UniformQuantizer
 
 FP_BITS = 32
 
 
 @dataclass
 class StepBits:
-    """The per-step activation bit-widths of one sampler schedule, and what they cost."""
+    """The per-step precision of one sampler schedule, and what it costs."""
 
     timesteps: list[float]
-    bits: list[int]
+    high: list[bool]  # per step: the high-precision setting
+    act_bits: list[int]  # per step: the bits of the switched activation quantizers (the model's own if none)
+    weight_bits: list[int]  # per step: the bits of the switched weights (the model's own if none)
     noise_ratio: list[float]  # |c_t|·σ_q,low(t) / √(1 − ᾱ_prev) per step
     bops: list[float]  # per step, per sample
     fp_bops: float  # per step, per sample, all layers at 32 × 32 bits
@@ -47,8 +56,9 @@ class StepBits:
         return sum(self.bops) / (self.fp_bops * len(self.bops))
 
     def to_dict(self) -> dict:
-        return {"timesteps": self.timesteps, "act_bits": self.bits, "noise_ratio": self.noise_ratio,
-                "bops_per_step": self.bops, "fp_bops_per_step": self.fp_bops, "relative_bops": self.relative_bops}
+        return {"timesteps": self.timesteps, "high_precision": self.high, "act_bits": self.act_bits,
+                "weight_bits": self.weight_bits, "noise_ratio": self.noise_ratio, "bops_per_step": self.bops,
+                "fp_bops_per_step": self.fp_bops, "relative_bops": self.relative_bops}
 
 
 @torch.no_grad()
@@ -72,41 +82,44 @@ def layer_macs(model: nn.Module, model_kwargs: dict) -> dict[str, int]:
 
 
 def bit_operations(model: nn.Module, macs: dict[str, int], timestep: float) -> float:
-    """BOPs per sample of one forward at `timestep`: each layer's MACs × weight bits × its input row's bits."""
+    """BOPs per sample of one forward at `timestep`: each layer's MACs × its weight bits at that step × its
+    input row's bits."""
     total = 0.0
+    t = torch.tensor([float(timestep)])
     for name, n in macs.items():
         m = model.get_submodule(name)
         w_bits = a_bits = FP_BITS
         if isinstance(m, QUANT_LAYERS):
             if len(m.weight_quantizers):
                 w_bits = m.weight_quantizers[0].bits
+            if m.step_weights is not None and bool(m.step_weights.uses(t)[0]):
+                w_bits = m.step_weights.bits
             if len(m.input_quantizers):
                 q: TemporalQuantizer = m.input_quantizers[0]
-                row = q.rows_for(torch.tensor([float(timestep)], device=q.timesteps.device))
-                a_bits = int(q.row_bits[row])
+                a_bits = int(q.row_bits[q.rows_for(t.to(q.timesteps.device))])
         total += n * w_bits * a_bits
     return total
 
 
-def choose_step_bits(noise_ratio: Sequence[float], bops_low: Sequence[float], bops_high: Sequence[float],
-                     budget: float | None, low: int = 4, high: int = 8) -> list[int]:
-    """Per step: `low` where the low-bit noise ratio is ≤ 1, else `high`; then, while the total BOPs exceed
+def choose_high_steps(noise_ratio: Sequence[float], bops_low: Sequence[float], bops_high: Sequence[float],
+                      budget: float | None) -> list[bool]:
+    """Per step: high precision where the low-precision noise ratio exceeds 1; then, while the total BOPs exceed
     `budget` (same units as the BOPs given; None: no budget), the high step with the smallest ratio goes low."""
     if not len(noise_ratio) == len(bops_low) == len(bops_high):
         raise ValueError("noise_ratio, bops_low and bops_high must have one entry per step")
-    bits = [low if r <= 1.0 else high for r in noise_ratio]
+    high = [r > 1.0 for r in noise_ratio]
     if budget is None:
-        return bits
+        return high
     if sum(bops_low) > budget * (1 + 1e-9):
-        raise ValueError(f"bit-operation budget {budget:.4g} is below the cost of running every step at {low} bits "
-                         f"({sum(bops_low):.4g})")
-    cost = sum(bl if b == low else bh for b, bl, bh in zip(bits, bops_low, bops_high))
-    for i in sorted((i for i, b in enumerate(bits) if b == high), key=lambda i: noise_ratio[i]):
+        raise ValueError(f"bit-operation budget {budget:.4g} is below the cost of running every step at low "
+                         f"precision ({sum(bops_low):.4g})")
+    cost = sum(bh if h else bl for h, bl, bh in zip(high, bops_low, bops_high))
+    for i in sorted((i for i, h in enumerate(high) if h), key=lambda i: noise_ratio[i]):
         if cost <= budget:
             break
-        bits[i] = low
+        high[i] = False
         cost += bops_low[i] - bops_high[i]
-    return bits
+    return high
 
 
 def with_act_bits(model: nn.Module, from_bits: int, to_bits: int, batches: Iterable[dict]) -> nn.Module:
@@ -127,49 +140,108 @@ def with_act_bits(model: nn.Module, from_bits: int, to_bits: int, batches: Itera
     for name, q in high.named_modules():
         if isinstance(q, TemporalQuantizer) and name not in switched:
             q.load_state_dict(original[name].state_dict())
+    if high.qdistill_config.act_bits == from_bits:
+        high.qdistill_config = dataclasses.replace(high.qdistill_config, act_bits=to_bits)
+    return high
+
+
+@torch.no_grad()
+def with_weight_bits(model: nn.Module, from_bits: int, to_bits: int, fp_model: nn.Module | None = None,
+                     method: str | None = None) -> nn.Module:
+    """A copy of `model` whose `from_bits` weights are quantized afresh at `to_bits` (per output channel, range
+    by `method`, default the config's `weight_init`). The weights quantized are `fp_model`'s, dilated by each
+    layer's `dilation_scale` as the layer's own were (the trained low-bit weights may sit on their 4-bit grid,
+    e.g. after AdaRound), or the model's own when `fp_model` is None. Biases stay the model's."""
+    high = copy.deepcopy(model)
+    method = method or high.qdistill_config.weight_init
+    layers = [(n, m) for n, m in high.named_modules()
+              if isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers) and m.weight_quantizers[0].bits == from_bits]
+    if not layers:
+        raise ValueError(f"the model has no {from_bits}-bit weights to switch to {to_bits} bits")
+    for name, m in layers:
+        if fp_model is not None:
+            try:
+                w = fp_model.get_submodule(name).weight.detach().to(m.weight)
+            except AttributeError:
+                raise ValueError(f"the FP model has no layer {name} to take {to_bits}-bit weights from") from None
+            if w.shape != m.weight.shape:
+                raise ValueError(f"the FP model's {name}.weight is {tuple(w.shape)}, the quantized layer's "
+                                 f"{tuple(m.weight.shape)}")
+            if hasattr(m, "dilation_scale"):
+                w = torch.cat([dilate_weight(w[:, a:b], m.dilation_scale[a:b]) for a, b in m.input_groups], dim=1)
+            m.weight.copy_(w)
+        m.weight_quantizers = nn.ModuleList([UniformQuantizer(to_bits, q.symmetric, 0, m.weight.shape[0]).to(m.weight)
+                                             for q in m.weight_quantizers])
+        m.init_weight_quantizers(method)
+        m.spec = dataclasses.replace(m.spec, weight_bits=to_bits)
+    if high.qdistill_config.weight_bits == from_bits:
+        high.qdistill_config = dataclasses.replace(high.qdistill_config, weight_bits=to_bits)
     return high
 
 
 @torch.no_grad()
 def apply_step_bits(low_model: nn.Module, high_model: nn.Module, timesteps: Sequence[float],
-                    bits: Sequence[int]) -> nn.Module:
-    """Rebuild, in `low_model`, every activation table whose bits differ in `high_model`: one row per
-    schedule timestep, taken from the low model's table (low steps) or the high model's (high steps), with
-    that row's bit-width. Returns `low_model`."""
+                    high: Sequence[bool]) -> nn.Module:
+    """Install, in `low_model`, the schedule that runs the steps flagged in `high` as `high_model` does and the
+    others as itself: every activation table whose bits differ gets one row per schedule timestep, taken from
+    the low or the high model's table with that row's bit-width; every layer whose weight bits differ gets the
+    high model's weight and quantizers as `step_weights`, used on the high steps. Returns `low_model`."""
+    if len(timesteps) != len(high):
+        raise ValueError(f"the schedule has {len(timesteps)} timesteps and {len(high)} precision flags")
     t = torch.tensor([float(x) for x in timesteps])
-    high_quantizers = dict(high_model.named_modules())
-    for name, q_low in low_model.named_modules():
-        if not isinstance(q_low, TemporalQuantizer):
-            continue
-        q_high = high_quantizers[name]
-        if q_high.bits == q_low.bits:
-            continue
-        use_high = torch.tensor([b == q_high.bits for b in bits])
-        if not bool(((torch.tensor(list(bits)) == q_low.bits) | use_high).all()):
-            raise ValueError(f"{name}: schedule bits {sorted(set(bits))} are not this quantizer's "
-                             f"{q_low.bits} or {q_high.bits}")
-        rows_low, rows_high = q_low.rows_for(t), q_high.rows_for(t)
-        delta = torch.where(use_high, q_high.delta[rows_high], q_low.delta[rows_low])
-        zero = torch.where(use_high, q_high.zero[rows_high], q_low.zero[rows_low])
-        q_low._resize(len(t))
-        q_low.delta.copy_(delta)
-        q_low.zero.copy_(zero)
-        q_low.timesteps.copy_(t)
-        q_low.per_timestep = True
-        q_low.set_row_bits(torch.where(use_high, q_high.bits, q_low.bits))
+    use_high = torch.tensor([bool(h) for h in high])
+    high_modules = dict(high_model.named_modules())
+    for name, m_low in list(low_model.named_modules()):  # step weights get added as we go
+        m_high = high_modules[name]
+        if isinstance(m_low, TemporalQuantizer) and m_high.bits != m_low.bits:
+            rows_low, rows_high = m_low.rows_for(t), m_high.rows_for(t)
+            delta = torch.where(use_high, m_high.delta[rows_high], m_low.delta[rows_low])
+            zero = torch.where(use_high, m_high.zero[rows_high], m_low.zero[rows_low])
+            m_low._resize(len(t))
+            m_low.delta.copy_(delta)
+            m_low.zero.copy_(zero)
+            m_low.timesteps.copy_(t)
+            m_low.per_timestep = True
+            m_low.set_row_bits(torch.where(use_high, m_high.bits, m_low.bits))
+        elif (isinstance(m_low, QUANT_LAYERS) and len(m_low.weight_quantizers)
+              and m_high.weight_quantizers[0].bits != m_low.weight_quantizers[0].bits):
+            q = m_high.weight_quantizers[0]
+            copy_ = StepWeights(m_high.weight, m_low.input_groups, q.bits, q.symmetric).to(m_low.weight.device)
+            copy_.weight_quantizers.load_state_dict(m_high.weight_quantizers.state_dict())
+            copy_.set_schedule(t, use_high)
+            m_low.step_weights = copy_
     return low_model
+
+
+def _switched_bits(low_model: nn.Module, high_model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((low, high) weight bits, (low, high) activation bits) of the quantizers that differ; a side that does
+    not switch reports the low model's config bits twice."""
+    cfg = low_model.qdistill_config
+    high_modules = dict(high_model.named_modules())
+    w, a = set(), set()
+    for name, m in low_model.named_modules():
+        h = high_modules[name]
+        if isinstance(m, TemporalQuantizer) and m.bits != h.bits:
+            a.add((m.bits, h.bits))
+        elif isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers) and m.weight_quantizers[0].bits != h.weight_quantizers[0].bits:
+            w.add((m.weight_quantizers[0].bits, h.weight_quantizers[0].bits))
+    if len(w) > 1 or len(a) > 1 or not (w or a):
+        raise ValueError(f"the low and high models must differ in one pair of weight and/or activation bit-widths, "
+                         f"got weights {sorted(w)}, activations {sorted(a)}")
+    return (w.pop() if w else (cfg.weight_bits,) * 2), (a.pop() if a else (cfg.act_bits,) * 2)
 
 
 @torch.no_grad()
 def plan_step_bits(low_model: nn.Module, high_model: nn.Module, scheduler, num_steps: int, records: Sequence,
                    budget: float | None = None, eta: float = 0.0) -> StepBits:
-    """Choose each step's activation bits for `scheduler` at `num_steps` steps (see the module docstring) and
-    apply the schedule to `low_model` in place. `records`: FP trajectory steps of that sampler
+    """Choose each step's precision for `scheduler` at `num_steps` steps (see the module docstring) and apply
+    the schedule to `low_model` in place. `records`: FP trajectory steps of that sampler
     (`record_trajectories(..., keep_steps=None)`), on which the low model's PTQD residual σ_q is measured.
     `budget`: bit-operations of the whole run relative to the FP model's (None: the noise rule alone)."""
     from .corrected_scheduler import NoiseCorrectedScheduler
     from .noise_correction import measure_noise_correction
 
+    w_pair, a_pair = _switched_bits(low_model, high_model)
     residual = measure_noise_correction(low_model, records)
     noise = NoiseCorrectedScheduler(scheduler, residual)
     scheduler.set_timesteps(num_steps)
@@ -185,13 +257,8 @@ def plan_step_bits(low_model: nn.Module, high_model: nn.Module, scheduler, num_s
     fp_bops = float(sum(macs.values()) * FP_BITS * FP_BITS)
     bops_low = [bit_operations(low_model, macs, t) for t in timesteps]
     bops_high = [bit_operations(high_model, macs, t) for t in timesteps]
-    high_quantizers = dict(high_model.named_modules())
-    pairs = {(q.bits, high_quantizers[n].bits) for n, q in low_model.named_modules()
-             if isinstance(q, TemporalQuantizer) and q.bits != high_quantizers[n].bits}
-    if len(pairs) != 1:
-        raise ValueError(f"the low and high models must differ in one pair of activation bit-widths, got {pairs}")
-    ((low, high),) = pairs
-    bits = choose_step_bits(ratio, bops_low, bops_high, None if budget is None else budget * fp_bops * len(timesteps),
-                            low, high)
-    apply_step_bits(low_model, high_model, timesteps, bits)
-    return StepBits(timesteps, bits, ratio, [bit_operations(low_model, macs, t) for t in timesteps], fp_bops)
+    high = choose_high_steps(ratio, bops_low, bops_high,
+                             None if budget is None else budget * fp_bops * len(timesteps))
+    apply_step_bits(low_model, high_model, timesteps, high)
+    return StepBits(timesteps, high, [a_pair[h] for h in high], [w_pair[h] for h in high], ratio,
+                    [bit_operations(low_model, macs, t) for t in timesteps], fp_bops)

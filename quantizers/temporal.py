@@ -22,6 +22,22 @@ from .uniform import check_bits, fake_quant, qrange, search_range
 MAX_OBSERVED_VALUES = 16384  # per timestep: a subsample is enough for the range search; extremes are exact
 
 
+def per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Expand per-sample timesteps to `batch` rows: attention folds heads into the batch (sample-major)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0] == 0:
+        return t.repeat_interleave(batch // t.shape[0])
+    raise ValueError(f"activation batch {batch} is not a multiple of the {t.shape[0]} timesteps given")
+
+
+def nearest_rows(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest `table` timestep for each of `t`."""
+    if table.numel() == 1:
+        return torch.zeros(t.shape, dtype=torch.long, device=t.device)
+    return (t.to(table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
+
+
 class TemporalQuantizer(nn.Module):
     """Per-tensor activation fake quantizer with one (Δ, z) row per calibrated timestep.
 
@@ -51,18 +67,7 @@ class TemporalQuantizer(nn.Module):
 
     def rows_for(self, t: torch.Tensor) -> torch.Tensor:
         """Table row of each timestep: the nearest calibrated timestep."""
-        if self.timesteps.numel() == 1:
-            return torch.zeros(t.shape, dtype=torch.long, device=t.device)
-        dist = (t.to(self.timesteps.dtype)[:, None] - self.timesteps[None, :]).abs()
-        return dist.argmin(dim=1)
-
-    def _per_sample(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """Expand per-sample values to `batch` rows: attention folds heads into the batch (sample-major)."""
-        if t.shape[0] == batch:
-            return t
-        if batch % t.shape[0] == 0:
-            return t.repeat_interleave(batch // t.shape[0])
-        raise ValueError(f"activation batch {batch} is not a multiple of the {t.shape[0]} timesteps given")
+        return nearest_rows(t, self.timesteps)
 
     def _current_t(self, batch: int) -> torch.Tensor:
         if self._t is None:
@@ -72,7 +77,7 @@ class TemporalQuantizer(nn.Module):
                 "TemporalQuantizer has no timesteps for this batch: call the model (its `timestep` argument is "
                 "routed by quantize_), or set_timesteps(module, t) before running a block alone"
             )
-        return self._per_sample(self._t.to(self.delta.device), batch)
+        return per_sample(self._t.to(self.delta.device), batch)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +187,9 @@ class TemporalQuantizer(nn.Module):
 
 
 def set_timesteps(module: nn.Module, t: torch.Tensor | None) -> None:
-    """Route per-sample timesteps to every temporal quantizer inside `module`."""
+    """Route per-sample timesteps to every temporal quantizer (and step-weight table) inside `module`."""
+    from .step_weights import StepWeights  # step_weights imports this module
+
     for m in module.modules():
-        if isinstance(m, TemporalQuantizer):
+        if isinstance(m, (TemporalQuantizer, StepWeights)):
             m.set_timesteps(t)

@@ -7,11 +7,13 @@ calibration data, seeds and sampler, each judged by scripts/eval.py on its expor
 Recipes (DESIGN.md §3.1–3.8; each a config in configs/, run by the stage scripts users run):
   rtn              scripts/quantize.py --config configs/rtn.yaml (MSE ranges, one activation scale)
   qdiffusion       scripts/train.py --config configs/qdiffusion.yaml (AdaRound + activation step sizes)
-  ptqd             the qdiffusion model, exported with PTQD's noise correction, sampled with it
+  ptqd             the qdiffusion model, scripts/export.py --config configs/ptqd.yaml (PTQD's noise correction;
+                   eval.py samples with it)
   dilatequant      scripts/train.py --config configs/dilatequant.yaml (Weight Dilation + TPQ + BKD)
-  dilatequant+ptqd the dilatequant model with PTQD's noise correction
-plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and a W4A4 dilatequant+ptqd row
-with step-aware mixed precision (A4/A8 by PTQD's noise rule).
+  dilatequant+ptqd the dilatequant model, scripts/export.py --config configs/dilatequant+ptqd.yaml
+plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and two W4A4 dilatequant+ptqd rows
+with step-aware mixed precision by PTQD's noise rule: A4/A8 (one weight copy) and W4A4/W8A8 (a second, 8-bit
+weight copy from the FP model).
 
 Every row: FD in the bench classifier's features and ΔFD vs FP (scripts/eval.py, FP sampled once, cached),
 PSNR vs FP on the same seeds, calibration wall time and peak memory of the stage that made the model (the
@@ -50,10 +52,12 @@ class Row:
     bits: str  # W8A8 / W4A8 / W4A4, or "FP32"
     scheduler: str = "ddim"
     mixed_precision: bool = False
+    mixed_weights: bool = False  # mixed precision switches weights too (a second, 8-bit weight copy)
 
     @property
     def name(self) -> str:
-        return (f"{self.recipe}-{self.bits}-{self.scheduler}" + ("-mp" if self.mixed_precision else "")).replace("+", "_")
+        suffix = "-mpw" if self.mixed_weights else "-mp" if self.mixed_precision else ""
+        return f"{self.recipe}-{self.bits}-{self.scheduler}{suffix}".replace("+", "_")
 
     @property
     def base(self) -> str:
@@ -74,6 +78,7 @@ def rows_for(bits: list[str], recipes: list[str], extra_rows: bool) -> list[Row]
         rows += [Row(r, ddpm_bits, "ddpm") for r in ("qdiffusion", "ptqd") if r in recipes]
         if "W4A4" in bits and "dilatequant+ptqd" in recipes:
             rows.append(Row("dilatequant+ptqd", "W4A4", mixed_precision=True))
+            rows.append(Row("dilatequant+ptqd", "W4A4", mixed_precision=True, mixed_weights=True))
     return rows
 
 
@@ -167,22 +172,24 @@ def evaluate(row: Row, args, out: Path) -> dict:
     stage = train_model(row.base, row.bits, args, out)
     export = row_dir / "export"
     cmd = [py, "scripts/export.py", "--run", stage["run"], "--out", str(export)]
-    nc = ["--nc-samples", str(args.nc_samples), "--nc-steps", str(args.steps), "--nc-scheduler", row.scheduler]
-    if row.ptqd:
-        cmd += ["--noise-correction", *nc]
+    if row.ptqd:  # the recipe's export config: configs/ptqd.yaml, configs/dilatequant+ptqd.yaml
+        cmd += ["--config", str(args.configs / f"{row.recipe}.yaml")]
+    if row.ptqd or row.mixed_precision:  # measured on this row's sampler
+        cmd += [f"measure.samples={args.nc_samples}", f"measure.steps={args.steps}", f"measure.scheduler={row.scheduler}"]
     if row.mixed_precision:
-        cmd += ["--mixed-precision"] + ([] if row.ptqd else nc)
+        cmd += ["mixed_precision.enabled=true"] + (["mixed_precision.weight_bits=8"] if row.mixed_weights else [])
     run(cmd, row_dir / "export.log")
     eval_cmd = [py, "scripts/eval.py", "--model", str(export), "--out", str(row_dir / "eval"), *common,
-                "--mode", args.mode]
-    run(eval_cmd + (["--ptqd"] if row.ptqd else []), row_dir / "eval.log")
+                "--mode", args.mode, "--ptqd" if row.ptqd else "--no-ptqd"]
+    run(eval_cmd, row_dir / "eval.log")
     m = json.loads((row_dir / "eval" / "metrics.json").read_text())
     meta = json.loads((export / "quant_config.json").read_text())
     return {"fd": m.get("fd"), "delta_fd": m.get("delta_fd"), "fd_fp": m.get("fd_fp"), "psnr_db": m.get("psnr_db"),
             "calibration_seconds": stage["calibration_seconds"], "peak_rss_mb": stage["peak_rss_mb"],
             "export_bytes": meta["size"]["file_bytes"],
             "relative_bops": relative_bops(export, row.scheduler, args.steps, args.model),
-            "step_bits": meta.get("step_bits", {}).get("act_bits")}
+            "step_bits": meta.get("step_bits", {}).get("act_bits"),
+            "step_weight_bits": meta.get("step_bits", {}).get("weight_bits")}
 
 
 def fmt(v, spec: str) -> str:
@@ -213,7 +220,8 @@ def table(rows: list[Row], results: dict, args) -> str:
             delta = f"{r['delta_fd']:+.2f} ({100 * r['delta_fd'] / r['fd_fp']:+.1f} %)"
         elif r.get("delta_fd") is not None:
             delta = f"{r['delta_fd']:+.2f}"
-        recipe = row.recipe + (" + mixed precision" if row.mixed_precision else "")
+        recipe = row.recipe + (" + mixed precision W4A4/W8A8" if row.mixed_weights else
+                               " + mixed precision A4/A8" if row.mixed_precision else "")
         lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
                      f"{fmt(r.get('psnr_db'), '.2f')} | {fmt(r.get('calibration_seconds'), '.0f')} | "
                      f"{fmt(r.get('peak_rss_mb'), '.0f')} | {r['export_bytes'] / 1024:.0f} | "

@@ -5,8 +5,9 @@ Reads only export folders (scripts/export.py) and, optionally, the FP model fold
     torchrun --standalone --nproc_per_node=2 scripts/eval.py --model EXPORT --reference FP --out EVAL
 
 1. load the export (`--mode integer`: int8 kernels; `simulated`: float kernels, bit-exact with training);
-2. sample N seeds with the chosen diffusers scheduler, seed batches split across ranks (`--ptqd`: the
-   quantized model through PTQD's noise-corrected scheduler with the export's statistics; FP stays plain);
+2. sample N seeds with the chosen diffusers scheduler, seed batches split across ranks (an export with PTQD's
+   statistics, or `--ptqd`: the quantized model through PTQD's noise-corrected scheduler; `--no-ptqd`: plain;
+   FP stays plain);
 3. the FP reference on the same seeds (cached by model hash and sampler settings: not resampled next time);
 4. metrics: FD in the bench classifier's features (to the test split, for FP too, and quantized vs FP);
    FID/sFID/IS with a local TorchScript Inception (--inception); PSNR and SSIM of final samples vs FP;
@@ -46,9 +47,9 @@ def parse_args(argv):
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--ptqd", action="store_true",
+    p.add_argument("--ptqd", action=argparse.BooleanOptionalAction, default=None,
                    help="sample the quantized model with PTQD's noise correction (statistics from scripts/export.py "
-                        "--noise-correction; ddim or ddpm)")
+                        "noise_correction=true; ddim or ddpm). Default: when the export holds them")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--seed", type=int, default=100_000, help="samples use seeds seed, seed+1, ...")
     p.add_argument("--batch-size", type=int, default=64)
@@ -75,10 +76,12 @@ def main(argv=None) -> int:
     # 1. the export, its scheduler, the FP model
     try:
         meta = read_export_meta(args.model)
+        if args.ptqd is None:  # the export decides: a ptqd export is sampled the way it was made for
+            args.ptqd = "noise_correction" in meta
         correction = load_noise_correction(args.model) if args.ptqd else None
         if args.ptqd and correction is None:
             raise ExportError(f"--ptqd: {args.model} holds no noise-correction statistics (export it with "
-                              "scripts/export.py --noise-correction)")
+                              "scripts/export.py noise_correction=true)")
         qunet = load_exported(args.model, args.mode)
         exported_scheduler = Path(args.model) / "scheduler_config.json"
         if exported_scheduler.is_file():
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
             try:
                 q_scheduler = NoiseCorrectedScheduler(scheduler, correction)
             except (TypeError, ValueError) as e:  # e.g. --scheduler dpm: PTQD wraps DDIM and DDPM only
-                raise ExportError(f"--ptqd: {e}") from None
+                raise ExportError(f"PTQD noise correction (--ptqd; --no-ptqd samples plainly): {e}") from None
         fp = load_unet(args.reference).eval() if args.reference else None
         pipe_kwargs = {}
         if getattr(qunet.config, "cross_attention_dim", None):

@@ -1,20 +1,26 @@
 """Export a quantized run (scripts/train.py or scripts/quantize.py) as a PTQ-ready folder with packed
 integer weights, and report its size.
 
-    python scripts/export.py --run runs/dilatequant-w4a4 --out runs/dilatequant-w4a4/export [--noise-correction]
+    python scripts/export.py --run runs/dilatequant-w4a4 --out runs/dilatequant-w4a4/export
+    python scripts/export.py --config configs/ptqd.yaml [key=value ...]              # PTQD on a qdiffusion run
+    python scripts/export.py --config configs/dilatequant+ptqd.yaml mixed_precision.enabled=true
 
-RUN/quantized (the run's quantized model) is read; OUT is written atomically (see export/folder.py for
-its layout). Load it back with `qdistill.export.load_exported(OUT, mode="simulated" | "integer")`.
+The config is `ExportConfig` (configs/schema.py): a YAML file and/or `key=value` overrides (`--run` and
+`--out` are shorthands for `run=` and `out=`). RUN/quantized (the run's quantized model) is read; OUT is
+written atomically (see export/folder.py for its layout). Load it back with
+`qdistill.export.load_exported(OUT, mode="simulated" | "integer")`.
 
---noise-correction (PTQD, DESIGN.md §3.7): records FP trajectories of the run's source model (every step
-kept), runs the quantized model (simulated) on their inputs, and stores the per-step statistics (slope k,
-per-channel bias b, residual std σ_q) in the export; `scripts/eval.py --ptqd` samples with them.
+noise_correction=true (PTQD, DESIGN.md §3.7): records FP trajectories of the run's source model (`measure.*`,
+every step kept), runs the quantized model (simulated) on their inputs, and stores the per-step statistics
+(slope k, per-channel bias b, residual std σ_q) in the export; `scripts/eval.py` samples with them.
 
---mixed-precision (PTQD's step-aware mixed precision): on the same FP trajectories, a copy of the model with
-its low-bit activation quantizers at 8 bits is calibrated per timestep, and each sampler step gets the low or
-the 8-bit tables (low where the low-bit residual noise stays below the sampler's own noise; more steps low
-while the bit-operations exceed --bops-budget, relative to FP). The schedule lives in the exported TPQ rows
-(quantizers/mixed_precision.py) and is recorded with its bit-operations in quant_config.json.
+mixed_precision.enabled=true (PTQD's step-aware mixed precision): on the same FP trajectories, a high-precision
+copy of the model is made (its low-bit activation quantizers at `mixed_precision.act_bits`, calibrated per
+timestep; with `mixed_precision.weight_bits`, also its low-bit weights, quantized afresh from the FP model) and
+each sampler step gets the model as trained or the high-precision copy (low where the low-precision residual
+noise stays below the sampler's own noise; more steps low while the bit-operations exceed
+`mixed_precision.bops_budget`, relative to FP). The schedule lives in the exported TPQ rows and second weight
+copies (quantizers/mixed_precision.py) and is recorded with its bit-operations in quant_config.json.
 """
 from __future__ import annotations
 
@@ -23,36 +29,33 @@ import json
 import sys
 from pathlib import Path
 
+from qdistill.configs import ConfigError, load_config, to_dict
+from qdistill.configs.schema import ExportConfig
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet, model_hash
 from qdistill.data.trajectories import record_trajectories, seed_batches
 from qdistill.export import ExportError, export_model
 from qdistill.quantizers import NoiseCorrection, measure_noise_correction
-from qdistill.quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits
+from qdistill.quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits, with_weight_bits
 from qdistill.trainer.checkpoint import META_FILE, CheckpointError, load_quantized
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="a run folder (holding quantized/) or a quantized folder")
-    parser.add_argument("--out", required=True, help="the export folder to write")
-    nc = parser.add_argument_group("PTQD noise correction (opt-in)")
-    nc.add_argument("--noise-correction", action="store_true", help="measure and store PTQD's per-step statistics")
-    nc.add_argument("--nc-samples", type=int, default=64, help="FP trajectories to measure on")
-    nc.add_argument("--nc-steps", type=int, default=50, help="sampler steps of those trajectories (all are kept)")
-    nc.add_argument("--nc-scheduler", choices=("ddim", "ddpm"), default="ddim")
-    nc.add_argument("--nc-eta", type=float, default=0.0)
-    nc.add_argument("--nc-seed", type=int, default=200_000,
-                    help="trajectories use seeds seed, seed+1, ... (apart from calibration's and eval's)")
-    nc.add_argument("--nc-batch-size", type=int, default=16)
-    mp = parser.add_argument_group("PTQD step-aware mixed precision (opt-in; uses the --nc-* trajectories)")
-    mp.add_argument("--mixed-precision", action="store_true", help="choose 8 or the model's activation bits per step")
-    mp.add_argument("--bops-budget", type=float, default=None,
-                    help="bit-operations of a sampling run relative to the FP model's (e.g. 0.025)")
-    args = parser.parse_args(argv)
-    for key in ("nc_samples", "nc_steps", "nc_batch_size"):
-        if getattr(args, key) < 1:
-            parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    run = Path(args.run)
+    parser.add_argument("--config", default=None, help="YAML export config (configs/ptqd.yaml, ...); optional")
+    parser.add_argument("--run", default=None, help="shorthand for run=RUN: a run folder or a quantized folder")
+    parser.add_argument("--out", default=None, help="shorthand for out=OUT: the export folder to write")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, dotted keys")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --run/--out
+    shorthands = [f"{k}={v}" for k, v in (("run", args.run), ("out", args.out)) if v is not None]
+    try:
+        cfg = load_config(ExportConfig, args.config, [*args.overrides, *shorthands])
+        if not cfg.run:
+            raise ConfigError("config key 'run' is required: the run folder to export (--run RUN or run=RUN)")
+    except ConfigError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    run = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else run / "export"
     qdir = run / "quantized" if (run / "quantized" / META_FILE).is_file() else run
     try:
         if not (qdir / META_FILE).is_file():
@@ -65,37 +68,42 @@ def main(argv=None) -> int:
                 scheduler_config = dict(load_scheduler(meta["source_model"]).config)
             except ModelFolderError as e:
                 print(f"[export] note: no scheduler copied ({e})", file=sys.stderr)
-        extra = {"run": str(run)}
+        trained = meta.get("recipe", "unknown")
+        recipe = cfg.recipe or (f"{trained}+ptqd" if cfg.noise_correction else trained)
+        extra = {"run": str(run), "trained_recipe": trained, "export_config": to_dict(cfg)}
         correction = None
-        if args.noise_correction or args.mixed_precision:
-            records, scheduler = fp_trajectories(model, meta, args)
-            measured_on = {"source_model": meta["source_model"], "samples": args.nc_samples, "steps": args.nc_steps,
-                           "scheduler": args.nc_scheduler, "eta": args.nc_eta,
-                           "seeds": [args.nc_seed, args.nc_seed + args.nc_samples], "model_mode": "simulated"}
-            if args.mixed_precision:
-                plan = mix_precision(model, meta, records, scheduler, args)
-                extra["step_bits"] = {**plan.to_dict(), "measured_on": measured_on, "budget": args.bops_budget}
-            if args.noise_correction:  # measured on the model as exported, mixed precision included
+        if cfg.noise_correction or cfg.mixed_precision.enabled:
+            fp, records, scheduler = fp_trajectories(model, meta, cfg)
+            measured_on = {"source_model": meta["source_model"], **to_dict(cfg.measure),
+                           "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated"}
+            if cfg.mixed_precision.enabled:
+                plan = mix_precision(model, fp, meta, records, scheduler, cfg)
+                extra["step_bits"] = {**plan.to_dict(), "measured_on": measured_on,
+                                      "budget": cfg.mixed_precision.bops_budget}
+            if cfg.noise_correction:  # measured on the model as exported, mixed precision included
                 correction = measure_run_noise(model, records)
                 extra["noise_correction_measured_on"] = measured_on
-        size = export_model(model, args.out, recipe=meta.get("recipe", "unknown"),
+        size = export_model(model, out, recipe=recipe,
                             source_model=meta.get("source_model"), source_model_hash=meta.get("source_model_hash"),
                             scheduler_config=scheduler_config, noise_correction=correction, extra=extra)
     except (CheckpointError, ExportError, OSError, ValueError) as e:
         print(f"qdistill: error: {e}", file=sys.stderr)
         return 2
-    cfg = meta["quant_config"]
-    print(f"[export] {meta.get('recipe')} W{cfg['weight_bits']}A{cfg['act_bits']} → {args.out}")
+    qc = meta["quant_config"]
+    print(f"[export] {recipe} W{qc['weight_bits']}A{qc['act_bits']} → {out}")
     print(f"[export] quantized layers: {size['quantized_layers_packed_bytes'] / 1024:.1f} KiB packed vs "
           f"{size['quantized_layers_fp32_bytes'] / 1024:.1f} KiB FP32 ({size['quantized_layers_ratio']:.3f}×); "
           f"file {size['file_bytes'] / 1024:.1f} KiB vs FP32 model {size['fp32_model_bytes'] / 1024:.1f} KiB")
+    if "step_weights_packed_bytes" in size:
+        print(f"[export] second weight copies (step-aware mixed precision): "
+              f"{size['step_weights_packed_bytes'] / 1024:.1f} KiB packed")
     return 0
 
 
-def fp_trajectories(model, meta: dict, args) -> tuple[list, object]:
-    """FP sampler trajectories (every step kept) of the run's source model, and that sampler's scheduler."""
+def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list, object]:
+    """The run's source (FP) model, its sampler trajectories (every step kept) and that sampler's scheduler."""
     if getattr(model.config, "cross_attention_dim", None):
-        raise ExportError("--noise-correction and --mixed-precision support unconditional models only (the "
+        raise ExportError("noise_correction and mixed_precision support unconditional models only (the "
                           "trajectories hold no text conditioning)")
     if not meta.get("source_model"):
         raise ExportError("the run's quantized model records no source model; PTQD's measurements need the FP model")
@@ -103,30 +111,46 @@ def fp_trajectories(model, meta: dict, args) -> tuple[list, object]:
     if recorded_hash and model_hash(meta["source_model"]) != recorded_hash:
         raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
                           "one the run recorded): its trajectories would not measure this quantized model")
+    m = cfg.measure
     fp = load_unet(meta["source_model"]).eval()
-    scheduler = load_scheduler(meta["source_model"], args.nc_scheduler)
-    seeds = list(range(args.nc_seed, args.nc_seed + args.nc_samples))
-    print(f"[export] PTQD: {args.nc_samples} FP trajectories of {meta['source_model']}, {args.nc_scheduler} "
-          f"{args.nc_steps} steps eta={args.nc_eta}, all steps measured")
-    records = [record for chunk in seed_batches(seeds, args.nc_batch_size)
-               for record in record_trajectories(fp, scheduler, chunk, args.nc_steps, args.nc_batch_size, args.nc_eta,
+    scheduler = load_scheduler(meta["source_model"], m.scheduler)
+    seeds = list(range(m.seed, m.seed + m.samples))
+    print(f"[export] PTQD: {m.samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "
+          f"eta={m.eta}, all steps measured")
+    records = [record for chunk in seed_batches(seeds, m.batch_size)
+               for record in record_trajectories(fp, scheduler, chunk, m.steps, m.batch_size, m.eta,
                                                  keep_steps=None)[1]]
-    return records, scheduler
+    return fp, records, scheduler
 
 
-def mix_precision(model, meta: dict, records: list, scheduler, args) -> StepBits:
-    """Step-aware mixed precision between the model's activation bits and 8, applied to `model` in place."""
-    low = meta["quant_config"]["act_bits"]
-    if low >= 8:
-        raise ExportError(f"--mixed-precision mixes the model's activation bits with 8; this model already uses {low}")
-    high = with_act_bits(model, low, 8, ({"sample": r.sample, "timestep": r.timestep} for r in records))
-    plan = plan_step_bits(model, high, scheduler, args.nc_steps, records, args.bops_budget, args.nc_eta)
-    print(f"[export] step-aware mixed precision (A{low}/A8): {plan.bits.count(8)} of {len(plan.bits)} steps at 8 bits, "
-          f"bit-operations {plan.relative_bops:.4f} of FP" +
-          (f" (budget {args.bops_budget})" if args.bops_budget is not None else ""))
-    print(f"[export] {'t':>6} {'bits':>5} {'noise ratio':>12}")
-    for t, b, r in zip(plan.timesteps, plan.bits, plan.noise_ratio):
-        print(f"[export] {t:6.0f} {b:5d} {r:12.3f}")
+def mix_precision(model, fp, meta: dict, records: list, scheduler, cfg: ExportConfig) -> StepBits:
+    """Step-aware mixed precision between the model as trained and a high-precision copy, applied to `model`
+    in place."""
+    mp, qc = cfg.mixed_precision, meta["quant_config"]
+    high = model
+    if mp.weight_bits is not None and mp.weight_bits != qc["weight_bits"]:
+        if mp.weight_bits < qc["weight_bits"]:
+            raise ExportError(f"mixed_precision.weight_bits ({mp.weight_bits}) must exceed the model's weight bits "
+                              f"({qc['weight_bits']})")
+        high = with_weight_bits(high, qc["weight_bits"], mp.weight_bits, fp if mp.weight_source == "fp" else None)
+    if mp.act_bits != qc["act_bits"]:
+        if mp.act_bits < qc["act_bits"]:
+            raise ExportError(f"mixed_precision.act_bits ({mp.act_bits}) must exceed the model's activation bits "
+                              f"({qc['act_bits']})")
+        high = with_act_bits(high, qc["act_bits"], mp.act_bits,
+                             ({"sample": r.sample, "timestep": r.timestep} for r in records))
+    if high is model:
+        raise ExportError(f"mixed_precision: the model is already W{qc['weight_bits']}A{qc['act_bits']}; nothing to "
+                          f"switch (mixed_precision.act_bits={mp.act_bits}, weight_bits={mp.weight_bits})")
+    plan = plan_step_bits(model, high, scheduler, cfg.measure.steps, records, mp.bops_budget, cfg.measure.eta)
+    low_name = f"W{qc['weight_bits']}A{qc['act_bits']}"
+    high_name = f"W{max(plan.weight_bits)}A{max(plan.act_bits)}"
+    print(f"[export] step-aware mixed precision ({low_name}/{high_name}): {sum(plan.high)} of {len(plan.high)} steps at "
+          f"{high_name}, bit-operations {plan.relative_bops:.4f} of FP" +
+          (f" (budget {mp.bops_budget})" if mp.bops_budget is not None else ""))
+    print(f"[export] {'t':>6} {'bits':>6} {'noise ratio':>12}")
+    for t, w, a, r in zip(plan.timesteps, plan.weight_bits, plan.act_bits, plan.noise_ratio):
+        print(f"[export] {t:6.0f} {f'W{w}A{a}':>6} {r:12.3f}")
     return plan
 
 

@@ -1,5 +1,5 @@
 """PTQD's quantization-noise correction: the statistics, the corrected scheduler, export storage, and
-scripts/export.py --noise-correction with scripts/eval.py --ptqd end to end."""
+scripts/export.py noise_correction=true (configs/ptqd.yaml) with scripts/eval.py end to end."""
 import copy
 import json
 
@@ -9,7 +9,7 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
                        UNet2DModel)
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from conftest import build_unet, calibration_batches, example_inputs, load_script
+from conftest import REPO, build_unet, calibration_batches, example_inputs, load_script
 from qdistill.data.trajectories import record_trajectories, run_sampler, seeded_noise
 from qdistill.export import NOISE_CORRECTION_FILE, ExportError, export_model, load_exported, load_noise_correction
 from qdistill.quantizers import (NoiseCorrectedScheduler, NoiseCorrection, NoiseMoments, QuantConfig, TemporalQuantizer,
@@ -312,7 +312,7 @@ def test_export_round_trip_and_damaged_statistics(tiny_quantized, tmp_path):
         load_noise_correction(tmp_path / "e")
 
 
-# -- (f) scripts/export.py --noise-correction, scripts/eval.py --ptqd -------------------------------------
+# -- (f) scripts/export.py --config configs/ptqd.yaml, scripts/eval.py -----------------------------------
 
 def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir, tiny_quantized, tmp_path, capsys):
     from qdistill.data.model_folder import model_hash
@@ -324,11 +324,15 @@ def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir,
     save_quantized(q, tmp_path / "run" / "quantized", recipe="rtn", source_model=str(demo_pipeline_dir),
                    source_model_hash=model_hash(demo_pipeline_dir))
     export_script, eval_script = load_script("export"), load_script("eval")
-    nc_args = ["--noise-correction", "--nc-samples", "4", "--nc-steps", "5", "--nc-scheduler", "ddpm",
-               "--nc-batch-size", "2"]
+    # the shipped recipe config, on this run, measured on DDPM
+    nc_args = ["--config", str(REPO / "configs" / "ptqd.yaml"), "measure.samples=4", "measure.steps=5",
+               "measure.scheduler=ddpm", "measure.batch_size=2"]
     assert export_script.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "e"), *nc_args]) == 0
     out = capsys.readouterr().out
     nc = load_noise_correction(tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / "quant_config.json").read_text())
+    assert meta["recipe"] == "ptqd" and meta["trained_recipe"] == "rtn"
+    assert meta["export_config"]["measure"]["scheduler"] == "ddpm" and meta["export_config"]["run"] == str(tmp_path / "run")
     ddpm = DDPMScheduler.from_pretrained(demo_pipeline_dir / "scheduler")
     ddpm.set_timesteps(5)
     assert nc.timesteps.tolist() == sorted(ddpm.timesteps.float().tolist()) and nc.num_channels == 3
@@ -342,12 +346,15 @@ def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir,
     common = ["--model", str(tmp_path / "e"), "--reference", str(demo_pipeline_dir), "--mode", "simulated",
               "--scheduler", "ddpm", "--steps", "5", "--num-samples", "4", "--batch-size", "2",
               "--fidelity-samples", "2", "--classifier", str(tmp_path / "no-classifier")]
-    assert eval_script.main([*common, "--ptqd", "--out", str(tmp_path / "ptqd"),
-                             "--cache-dir", str(tmp_path / "c1")]) == 0
-    assert eval_script.main([*common, "--out", str(tmp_path / "plain"), "--cache-dir", str(tmp_path / "c2")]) == 0
-    with_ptqd, without = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ptqd", "plain"))
+    # a ptqd export samples with its correction by default, the same as --ptqd; --no-ptqd samples plainly
+    assert eval_script.main([*common, "--out", str(tmp_path / "ptqd"), "--cache-dir", str(tmp_path / "c1")]) == 0
+    assert eval_script.main([*common, "--no-ptqd", "--out", str(tmp_path / "plain"),
+                             "--cache-dir", str(tmp_path / "c2")]) == 0
+    assert eval_script.main([*common, "--ptqd", "--out", str(tmp_path / "flag"), "--cache-dir", str(tmp_path / "c2")]) == 0
+    with_ptqd, without, flag = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ptqd", "plain", "flag"))
     assert with_ptqd["ptqd_noise_correction"] is True and without["ptqd_noise_correction"] is False
     assert "PTQD" in with_ptqd["sampler"] and with_ptqd["psnr_db"] != without["psnr_db"]
+    assert flag["psnr_db"] == with_ptqd["psnr_db"]
     # the FP reference is sampled with the plain scheduler either way: the same images and trajectory
     refs = [load_reference(tmp_path / c, next((tmp_path / c).iterdir()).name) for c in ("c1", "c2")]
     assert torch.equal(refs[0][0], refs[1][0])
