@@ -147,7 +147,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
             state[key[:-6] + ".zero"] = state[key[:-6] + ".zero"].round()
     tensors.update({k: v.contiguous() for k, v in state.items()})
     meta = {
-        "format": FORMAT, "format_version": 2 if any("step_weights" in v for v in layers.values()) else 1, "qdistill_version": qdistill.__version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION if any("step_weights" in v for v in layers.values()) else 1,
+        "qdistill_version": qdistill.__version__,
         "model_class": type(model).__name__, "recipe": recipe, "source_model": source_model,
         "source_model_hash": source_model_hash, "quant_config": config.to_dict(),
         "granularity": {"weights": "per output channel", "activations": "per tensor, one row per calibrated "
