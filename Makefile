@@ -22,16 +22,18 @@ $(STAMP): pyproject.toml
 
 # The demo: record calibration trajectories from the bench teacher (bench/teacher, shipped), distil it to W4A4
 # with the DilateQuant recipe at demo length, export packed integer weights, and judge the export with
-# scripts/eval.py on int8 kernels against the FP teacher (runs/demo-w4a4/; ends with eval's metrics table).
+# `qdistill eval` on int8 kernels against the FP teacher (runs/demo-w4a4/; ends with eval's metrics table).
+QDISTILL := $(VENV)/bin/qdistill
+
 runs/trajectories/manifest.json: bench/teacher/unet/diffusion_pytorch_model.safetensors | $(STAMP)
-	$(PY) scripts/calibrate.py --config configs/calibrate.yaml overwrite=true
+	$(QDISTILL) calibrate --config calibrate overwrite=true
 
 demo: $(STAMP) runs/trajectories/manifest.json
-	$(PY) scripts/train.py --config configs/demo.yaml
-	$(PY) scripts/export.py --run runs/demo-w4a4 --out runs/demo-w4a4/export
-	$(PY) scripts/eval.py --model runs/demo-w4a4/export --reference bench/teacher --out runs/demo-w4a4/eval \
-		--mode integer --num-samples 256 --cache-dir runs/fp_reference_cache
+	$(QDISTILL) train --config demo
+	$(QDISTILL) export run=runs/demo-w4a4 out=runs/demo-w4a4/export
+	$(QDISTILL) eval --config eval model=runs/demo-w4a4/export out=runs/demo-w4a4/eval cache_dir=runs/fp_reference_cache
 
+# All tests, the slow ones (launchers, a fresh-venv install) included.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

@@ -13,20 +13,38 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ..errors import ConfigError  # noqa: F401 (raised here; defined with the other user-facing errors)
+
 CONFIG_DIR = Path(__file__).parent
 
 
-class ConfigError(ValueError):
-    """A config problem, with the offending key or file in the message."""
+
+def installed_configs() -> list[str]:
+    """The names of the YAML configs qdistill ships (`qdistill configs`)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A config file: `name` when it is a file; else, for a bare name (`dilatequant`, `dilatequant.yaml`), the
+    installed config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        installed = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if installed.is_file():
+            return installed
+        raise ConfigError(f"config file not found: {name} (not a file here, nor an installed config: "
+                          f"{', '.join(installed_configs())})")
+    raise ConfigError(f"config file not found: {path}")
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()):
-    """Build `cls` from the YAML at `path` (if any), then apply `key=value` overrides (dotted keys)."""
+    """Build `cls` from the YAML at `path` (if any; a bare name is an installed config), then apply
+    `key=value` overrides (dotted keys)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -44,7 +44,7 @@ class SamplingConfig:
 
 @dataclass
 class QuantizeRunConfig:
-    """scripts/quantize.py: post-training quantization of one model folder, judged against FP."""
+    """`qdistill quantize`: post-training quantization of one model folder, judged against FP."""
 
     model: str = "bench/teacher"
     out: str = "runs/quantized"
@@ -56,7 +56,7 @@ class QuantizeRunConfig:
 
 @dataclass
 class TrajectoryConfig:
-    """scripts/calibrate.py: FP sampler trajectories of a model folder, recorded as sharded datasets."""
+    """`qdistill calibrate`: FP sampler trajectories of a model folder, recorded as sharded datasets."""
 
     model: str = "bench/teacher"
     out: str = "runs/trajectories"
@@ -141,12 +141,12 @@ class QDiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    """scripts/train.py: block-wise training of a quantized copy of a model folder on its calibration
+    """`qdistill train`: block-wise training of a quantized copy of a model folder on its calibration
     trajectories, by the recipe named in `recipe`: `dilatequant` (Weight Dilation + TPQ + BKD, `distill.*`) or
     `qdiffusion` (AdaRound, then activation step sizes, `qdiffusion.*`)."""
 
     model: str = "bench/teacher"
-    trajectories: str = "runs/trajectories"  # recorded by scripts/calibrate.py from the same model
+    trajectories: str = "runs/trajectories"  # recorded by `qdistill calibrate` from the same model
     out: str = "runs/dilatequant-w4a4"
     recipe: Literal["dilatequant", "qdiffusion"] = "dilatequant"
     deepspeed: str = "zero2.json"  # a DeepSpeed JSON: a path, or a file name in qdistill's configs folder
@@ -202,12 +202,75 @@ class MixedPrecisionConfig:
 
 @dataclass
 class ExportConfig:
-    """scripts/export.py: a run's quantized model as a packed integer export, optionally with PTQD's noise
+    """`qdistill export`: a run's quantized model as a packed integer export, optionally with PTQD's noise
     correction (the `ptqd` and `dilatequant+ptqd` recipes) and step-aware mixed precision."""
 
     run: str = ""  # a run folder (holding quantized/) or a quantized folder
     out: str = ""  # default: RUN/export
     recipe: str | None = None  # the name recorded in the export; default the run's (+ "+ptqd" with noise correction)
-    noise_correction: bool = False  # measure and store PTQD's per-step statistics (eval.py samples with them)
+    noise_correction: bool = False  # measure and store PTQD's per-step statistics (`qdistill eval` samples with them)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+
+
+@dataclass
+class EvalConfig:
+    """`qdistill eval`: judge an export (`qdistill export`) on fixed seeds against the data and the FP model.
+    Reads only export folders and, optionally, the FP model folder."""
+
+    model: str = ""  # the export folder
+    reference: str | None = None  # the FP model folder: fidelity metrics (PSNR, SSIM, noise MSE) and ΔFD
+    out: str = ""  # folder for metrics.json, samples.png and tb/; default MODEL/eval
+    mode: Literal["integer", "simulated"] = "integer"  # int8 kernels, or float kernels bit-exact with training
+    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    ptqd: bool | None = None  # PTQD's noise-corrected sampler for the quantized model; None: when the export has it
+    num_samples: int = 256
+    seed: int = 100_000  # samples use seeds seed, seed+1, ...
+    batch_size: int = 64
+    fidelity_samples: int = 16  # seeds whose FP trajectory gives the per-step noise-prediction MSE
+    classifier: str = "bench/classifier"  # bench classifier folder (FD features, 1×32×32 models)
+    inception: str | None = None  # a local TorchScript / torch.export feature network file: FID, sFID, IS
+    clip: str | None = None  # a local CLIP model folder: CLIP score (text-conditional models)
+    prompts: str | None = None  # text file, one prompt per line (text-conditional models)
+    guidance_scale: float = 7.5
+    cache_dir: str | None = None  # FP reference cache; default ~/.cache/qdistill/fp_reference
+
+    def __post_init__(self):
+        for key in ("steps", "num_samples", "batch_size", "fidelity_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+@dataclass
+class BenchmarkConfig:
+    """`qdistill benchmark`: FP and every recipe side by side on the bench model (same calibration data, seeds and
+    sampler), each stage run as `qdistill ...` and each row judged by `qdistill eval` on its export. Unset sizes
+    take the full table's defaults (200 iterations, 500 samples, 50 steps) or, with quick=true, 30, 256, 25."""
+
+    quick: bool = False  # W4A8 only, short training, 256 samples, 25 steps (about 10 minutes on 2 cores)
+    out: str | None = None  # results folder; default runs/benchmark (quick: runs/benchmark-quick)
+    model: str = "bench/teacher"
+    trajectories: str = "runs/trajectories"  # recorded with the `calibrate` config if missing
+    classifier: str = "bench/classifier"
+    configs: str | None = None  # folder of the recipe configs; default the installed ones
+    bits: list[Literal["W8A8", "W4A8", "W4A4"]] | None = None  # default all three (quick: W4A8)
+    recipes: list[Literal["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"]] = field(
+        default_factory=lambda: ["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"])
+    iterations: int | None = None  # training iterations per block
+    num_samples: int | None = None  # samples per row
+    steps: int | None = None  # sampler steps
+    fidelity_samples: int = 16
+    nc_samples: int = 64  # FP trajectories for PTQD's statistics
+    mode: Literal["integer", "simulated"] = "integer"
+    extra_rows: bool = True  # the DDPM and mixed-precision rows
+    update: str | None = None  # also write the table into this Markdown file's marked section
+
+    def __post_init__(self):
+        for key in ("iterations", "num_samples", "steps", "fidelity_samples", "nc_samples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")

@@ -4,16 +4,22 @@ own batches; rank 0 writes the manifest once all are done."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from ..errors import CalibrationSetError
+from ..progress import progress
 from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
 from .model_folder import ModelFolderError, load_scheduler, load_unet, model_hash, resolve
 from .prompts import load_prompts
-from .trajectories import Conditioning, random_steps, record_trajectories, sample_shape, seed_batches, uniform_steps
+from .trajectories import (Conditioning, class_labels, random_steps, record_trajectories, sample_shape, seed_batches,
+                           uniform_steps)
+
+logger = logging.getLogger(__name__)
 
 
 def selected_steps(cfg, seed: int) -> set[int]:
@@ -39,7 +45,7 @@ def conditioning_source(cfg, unet):
     """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind."""
     if getattr(unet.config, "num_class_embeds", None):
         n = unet.config.num_class_embeds
-        return (lambda seeds: Conditioning(class_labels=torch.tensor([s % n for s in seeds]))), "class"
+        return (lambda seeds: Conditioning(class_labels=class_labels(seeds, n))), "class"
     if getattr(unet.config, "cross_attention_dim", None) is None:
         return None, "none"
     if cfg.prompts is None:
@@ -72,11 +78,11 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
     out = Path(cfg.out)
     if (out / MANIFEST).exists():
         if not cfg.overwrite:
-            raise FileExistsError(f"{out / MANIFEST} exists: this folder is complete (overwrite=true to record again)")
+            raise CalibrationSetError(f"{out / MANIFEST} exists: this folder is complete (overwrite=true to record again)")
         barrier()
         if rank == 0:
             (out / MANIFEST).unlink()
-            __import__("shutil").rmtree(out / SHARDS, ignore_errors=True)
+            shutil.rmtree(out / SHARDS, ignore_errors=True)
         barrier()
     resolve(cfg.model)
     unet = load_unet(cfg.model).eval()
@@ -87,9 +93,9 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
     mine = [i for i in range(len(batches)) if i % world_size == rank]
     todo = [i for i in mine if not (out / SHARDS / shard_name(i)).is_dir()]
     if len(todo) < len(mine) and rank == 0:
-        print(f"[calibrate] resuming: {len(mine) - len(todo)} of this rank's {len(mine)} shards already on disk")
+        logger.info(f"resuming: {len(mine) - len(todo)} of this rank's {len(mine)} shards already on disk")
     t0 = time.time()
-    for i in tqdm(todo, desc=f"calibrate rank {rank}", disable=rank != 0, dynamic_ncols=True):
+    for i in progress(todo, f"calibrate rank {rank}", disable=rank != 0, logger=logger):
         chunk = batches[i]
         conds: dict[int, Conditioning] = {}
 

@@ -27,14 +27,12 @@ import numpy as np
 import torch
 
 from .trajectories import Conditioning, StepRecord
+from ..errors import CalibrationSetError  # noqa: F401 (raised here; defined with the other user-facing errors)
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 FORMAT_VERSION = 1
 
-
-class CalibrationSetError(ValueError):
-    """A trajectory folder is incomplete, corrupted or recorded from another model; names the file."""
 
 
 def shard_name(index: int) -> str:

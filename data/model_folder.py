@@ -2,15 +2,13 @@
 and a `scheduler`) or a bare model folder (config.json). Real `from_pretrained`, nothing downloaded."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import diffusers
 
-
-class ModelFolderError(ValueError):
-    """The model folder is missing or is not a diffusers folder; the message names the path."""
+from ..errors import ModelFolderError  # noqa: F401 (raised here; defined with the other user-facing errors)
+from ..files import sha256_tree, shipped
 
 
 def _class_from_config(config_file: Path):
@@ -25,8 +23,8 @@ def _class_from_config(config_file: Path):
 
 
 def resolve(path: str | Path) -> tuple[Path, Path | None]:
-    """(unet folder, scheduler folder or None) of a model path."""
-    path = Path(path)
+    """(unet folder, scheduler folder or None) of a model path (`bench/teacher`: the shipped bench model)."""
+    path = shipped(path)
     if not path.is_dir():
         raise ModelFolderError(f"model folder not found: {path}")
     if (path / "model_index.json").is_file():
@@ -78,11 +76,4 @@ def load_scheduler(path: str | Path, kind: str | None = None):
 
 def model_hash(path: str | Path) -> str:
     """sha256 over the unet folder's files (names and bytes): identifies the source model of a result."""
-    unet_dir, _ = resolve(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in unet_dir.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(unet_dir)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_tree(resolve(path)[0])

@@ -15,8 +15,21 @@ from typing import Callable, Sequence
 import torch
 
 
+# The seed conventions every stage shares (calibration, training's fidelity check, export's PTQD measurements,
+# eval): a sample's starting noise and class label come from its own seed; a batch's step noise (DDPM, DDIM
+# η > 0) from a generator seeded by the batch's first seed, so batches must be formed by `seed_batches`.
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def step_generator(batch_seeds: Sequence[int]) -> torch.Generator:
+    """The generator of a seed batch's step noise."""
+    return torch.Generator().manual_seed(int(batch_seeds[0]) + 7919)
+
+
+def class_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Each sample's class label: balanced over the classes along consecutive seeds."""
+    return torch.tensor([int(s) % num_classes for s in seeds])
 
 
 def sample_shape(unet) -> tuple[int, int, int]:
@@ -116,7 +129,7 @@ def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, b
                 records.append(StepRecord(i, torch.full((len(chunk),), float(t)), model_input.clone(), eps.clone(),
                                           list(chunk)))
 
-        generator = torch.Generator().manual_seed(int(chunk[0]) + 7919)  # the batch's step noise (DDPM, η > 0)
+        generator = step_generator(chunk)
         cond = cond_for(chunk) if cond_for is not None else None
         finals.append(run_sampler(unet, scheduler, seeded_noise(chunk, shape), num_steps, eta, on_step, generator,
                                   cond))

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class ProjectedFeatures(nn.Module):
     """A CLIPModel whose get_*_features return the projected embeddings as tensors: transformers 5 returns
@@ -35,7 +37,7 @@ def clip_score(images_u8: torch.Tensor, prompts: list[str], clip_dir: str | Path
 
     clip_dir = Path(clip_dir)
     if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"CLIP model folder not found or has no config.json: {clip_dir}")
+        raise ConfigError(f"config key 'clip': CLIP model folder not found or has no config.json: {clip_dir}")
     metric = CLIPScore(model_name_or_path=lambda: (ProjectedFeatures(CLIPModel.from_pretrained(clip_dir).eval()),
                                                    CLIPProcessor.from_pretrained(clip_dir)),
                        sync_on_compute=False)

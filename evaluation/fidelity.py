@@ -20,12 +20,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def noise_pred_mse(qunet, records) -> dict[int, float]:
-    """MSE between the quantized model's noise prediction and the FP one, on the FP trajectory's inputs."""
+def noise_pred_mse(qunet, calls) -> dict[int, float]:
+    """Per step, the mean MSE between the quantized model's noise prediction and the FP one on the FP
+    trajectory's own inputs; `calls` yields (step, args, kwargs, FP noise prediction)."""
     per_step: dict[int, list[float]] = {}
-    for r in records:
-        eps = qunet(r.sample, r.timestep).sample
-        per_step.setdefault(r.step, []).append((eps - r.noise_pred).pow(2).mean().item())
+    for step, args, kwargs, fp_pred in calls:
+        out = qunet(*args, **kwargs)
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        per_step.setdefault(step, []).append((pred - fp_pred).pow(2).mean().item())
     return {step: float(np.mean(v)) for step, v in sorted(per_step.items())}
 
 
@@ -55,15 +57,16 @@ def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: 
     """Sample FP and quantized models from the same seeds with the same sampler (unconditional models).
     Returns both final batches and the metrics: mean PSNR of the quantized samples against FP, and the
     per-step noise-prediction MSE on the FP trajectory's inputs."""
-    from ..data.trajectories import record_trajectories, run_sampler, sample_shape, seed_batches, seeded_noise
+    from ..data.trajectories import (record_trajectories, run_sampler, sample_shape, seed_batches, seeded_noise,
+                                     step_generator)
 
     seeds = list(seeds)
     fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta)
     shape = sample_shape(fp_unet)
     q_final = torch.cat([run_sampler(qunet, scheduler, seeded_noise(chunk, shape), num_steps, eta,
-                                     generator=torch.Generator().manual_seed(int(chunk[0]) + 7919))
+                                     generator=step_generator(chunk))
                          for chunk in seed_batches(seeds, batch_size)])
-    eps_mse = noise_pred_mse(qunet, fp_records)
+    eps_mse = noise_pred_mse(qunet, ((r.step, (r.sample, r.timestep), {}, r.noise_pred) for r in fp_records))
     metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
                "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
                "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}

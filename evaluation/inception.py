@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchmetrics.image.inception import InceptionScore
 
+from ..errors import ConfigError
 from .frechet import frechet_metric
 
 
@@ -40,13 +41,13 @@ def load_feature_network(path: str | Path) -> nn.Module:
     """A `torch.export` program (.pt2, `torch.export.save`) or a TorchScript file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"feature network file not found: {path}")
+        raise ConfigError(f"config key 'inception': feature network file not found: {path}")
     try:
         if path.suffix == ".pt2":
             return torch.export.load(str(path)).module()
         return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001 - both loaders raise assorted errors on a foreign file
-        raise ValueError(f"{path} is not a feature network (torch.export .pt2 or TorchScript): "
+        raise ConfigError(f"{path} is not a feature network (torch.export .pt2 or TorchScript): "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 

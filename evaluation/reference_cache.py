@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..trainer.checkpoint import atomic_dir
+from ..files import atomic_dir
 
 IMAGES, CALLS, META = "fp_samples.safetensors", "fp_calls.pt", "meta.json"
 

@@ -12,9 +12,10 @@ import os
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
-
-from ..data.trajectories import run_sampler, sample_shape, seed_batches, seeded_noise
+from ..data.trajectories import (Conditioning, class_labels, run_sampler, sample_shape, seed_batches, seeded_noise,
+                                 step_generator)
+from ..progress import progress
+from .fidelity import noise_pred_mse
 
 
 def init_eval_distributed() -> tuple[int, int]:
@@ -37,11 +38,14 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample_batch(unet, scheduler, seeds: Sequence[int], num_steps: int, eta: float = 0.0, pipeline=None,
                  prompts: Sequence[str] | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Final samples of one seed batch in [-1, 1]."""
-    generator = torch.Generator().manual_seed(int(seeds[0]) + 7919)  # the batch's step noise (DDPM, η > 0)
+    """Final samples of one seed batch in [-1, 1]. A class-conditional model samples each seed's own label
+    (balanced over the classes, as calibration records them)."""
+    generator = step_generator(seeds)
     noise = seeded_noise(seeds, sample_shape(unet))
     if pipeline is None:
-        return run_sampler(unet, scheduler, noise, num_steps, eta, generator=generator)
+        n = getattr(unet.config, "num_class_embeds", None)
+        cond = Conditioning(class_labels=class_labels(seeds, n)) if n else None
+        return run_sampler(unet, scheduler, noise, num_steps, eta, generator=generator, cond=cond)
     pipeline.unet, pipeline.scheduler = unet, scheduler
     out = pipeline(prompt=[prompts[s % len(prompts)] for s in seeds], latents=noise, num_inference_steps=num_steps,
                    guidance_scale=guidance_scale, eta=eta, generator=generator, output_type="pt")
@@ -53,7 +57,7 @@ def sample_across_ranks(unet, scheduler, seeds: Sequence[int], num_steps: int, b
     """uint8 samples of all `seeds` (in seed order) on every rank; each rank samples batches i % world."""
     batches = seed_batches(list(seeds), batch_size)
     mine = {}
-    for i in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, unit="batch"):
+    for i in progress(range(rank, len(batches), world), desc, disable=rank != 0):
         mine[i] = to_uint8(sample_batch(unet, scheduler, batches[i], num_steps, eta, **pipeline_kwargs))
     if world > 1:
         gathered = [None] * world
@@ -78,13 +82,7 @@ def recorded_calls(unet, calls: list):
         handle.remove()
 
 
-@torch.no_grad()
 def noise_pred_mse_per_step(qunet, calls: list, num_steps: int) -> dict[int, float]:
-    """MSE of the quantized UNet's noise prediction against the FP one, on the FP trajectory's own inputs,
-    per denoising step (calls are in order: num_steps per seed batch)."""
-    per_step: dict[int, list[float]] = {}
-    for i, call in enumerate(calls):
-        out = qunet(*call["args"], **call["kwargs"])
-        pred = out[0] if isinstance(out, tuple) else out.sample
-        per_step.setdefault(i % num_steps, []).append((pred - call["noise_pred"]).pow(2).mean().item())
-    return {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
+    """Per denoising step, the quantized model's noise-prediction MSE on recorded FP calls (in order:
+    num_steps per seed batch)."""
+    return noise_pred_mse(qunet, ((i % num_steps, c["args"], c["kwargs"], c["noise_pred"]) for i, c in enumerate(calls)))

@@ -1,6 +1,9 @@
-"""PTQ-ready exports: packed integer weights and everything needed to run them (DESIGN.md §5)."""
-from .folder import (EXPORT_FILE, NOISE_CORRECTION_FILE, ExportError, export_model, load_exported,
-                     load_noise_correction, read_export_meta)
+"""The folders qdistill writes and reads back (export/formats.py): saved quantized models
+(export/quantized.py) and PTQ-ready exports with packed integer weights (export/packed.py, DESIGN.md §5)."""
+from ..errors import CheckpointError, ExportError
+from .packed import (EXPORT_FILE, NOISE_CORRECTION_FILE, export_model, load_exported, load_noise_correction,
+                     read_export_meta)
+from .quantized import load_quantized, read_quantized_meta, save_quantized
 
-__all__ = ["EXPORT_FILE", "NOISE_CORRECTION_FILE", "ExportError", "export_model", "load_exported",
-           "load_noise_correction", "read_export_meta"]
+__all__ = ["EXPORT_FILE", "NOISE_CORRECTION_FILE", "CheckpointError", "ExportError", "export_model", "load_exported",
+           "load_noise_correction", "load_quantized", "read_export_meta", "read_quantized_meta", "save_quantized"]

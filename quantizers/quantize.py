@@ -16,7 +16,8 @@ from torch import nn
 
 from .attention import QuantAttnProcessor
 from .layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLinear
-from .temporal import TemporalQuantizer, set_timesteps
+from .routing import set_timesteps
+from .temporal import TemporalQuantizer
 from .uniform import check_bits
 
 
@@ -48,6 +49,15 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def tag(self) -> str:
+        return bits_tag(self.weight_bits, self.act_bits)
+
+
+def bits_tag(weight_bits: int, act_bits: int) -> str:
+    """The name of a bit-width pair, as every table and log writes it: W4A8."""
+    return f"W{weight_bits}A{act_bits}"
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:

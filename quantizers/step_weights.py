@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .temporal import nearest_rows, per_sample
+from .routing import TimestepRouted, nearest_rows, per_sample
 from .uniform import UniformQuantizer
 
 
-class StepWeights(nn.Module):
+class StepWeights(TimestepRouted):
     """The copy's float weight (a buffer: it is not trained), one quantizer per input group, the schedule."""
 
     def __init__(self, weight: torch.Tensor, input_groups, bits: int, symmetric: bool = False):
@@ -43,9 +43,6 @@ class StepWeights(nn.Module):
                              f"{timesteps.numel()} timesteps")
         device = self.weight.device
         self.timesteps, self.use = timesteps.to(device).clone(), use.to(device).clone()  # own storage: one file entry each
-
-    def set_timesteps(self, t: torch.Tensor | None) -> None:
-        self._t = t
 
     def uses(self, t: torch.Tensor) -> torch.Tensor:
         """Whether each timestep of `t` runs on this copy."""

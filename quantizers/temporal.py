@@ -8,37 +8,20 @@ Each row also has a bit-width (`row_bits`, all equal to `bits` unless set otherw
 mixed precision (quantizers/mixed_precision.py) is a table whose rows differ in bits, so the schedule
 travels with the tables into checkpoints and exports and the sampler needs nothing extra.
 
-The timesteps come from the model's own `timestep` argument: `quantize_` installs a forward pre-hook
-on the model that calls `set_timesteps` (no counters, no globals). Code that runs a single block
-outside the model (the distiller) calls `set_timesteps` on that block itself.
+The timesteps come from the model's own `timestep` argument (quantizers/routing.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .routing import TimestepRouted, nearest_rows, per_sample
 from .uniform import check_bits, fake_quant, qrange, search_range
 
 MAX_OBSERVED_VALUES = 16384  # per timestep: a subsample is enough for the range search; extremes are exact
 
 
-def per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Expand per-sample timesteps to `batch` rows: attention folds heads into the batch (sample-major)."""
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0] == 0:
-        return t.repeat_interleave(batch // t.shape[0])
-    raise ValueError(f"activation batch {batch} is not a multiple of the {t.shape[0]} timesteps given")
-
-
-def nearest_rows(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest `table` timestep for each of `t`."""
-    if table.numel() == 1:
-        return torch.zeros(t.shape, dtype=torch.long, device=t.device)
-    return (t.to(table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
-
-
-class TemporalQuantizer(nn.Module):
+class TemporalQuantizer(TimestepRouted):
     """Per-tensor activation fake quantizer with one (Δ, z) row per calibrated timestep.
 
     Modes: `observe` records per-timestep statistics and passes inputs through; `init_from_observations`
@@ -61,10 +44,7 @@ class TemporalQuantizer(nn.Module):
         self._t: torch.Tensor | None = None  # timesteps of the current batch, one per sample
         self._stats: dict[float, list] = {}
 
-    # -- timestep routing -------------------------------------------------------------------------
-    def set_timesteps(self, t: torch.Tensor | None) -> None:
-        self._t = t
-
+    # -- timestep routing (quantizers/routing.py) -------------------------------------------------
     def rows_for(self, t: torch.Tensor) -> torch.Tensor:
         """Table row of each timestep: the nearest calibrated timestep."""
         return nearest_rows(t, self.timesteps)
@@ -185,11 +165,3 @@ class TemporalQuantizer(nn.Module):
         mixed = f", row bits={sorted(set(self.row_bits.tolist()))}" if self._mixed_bits else ""
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, rows={rows}{mixed}"
 
-
-def set_timesteps(module: nn.Module, t: torch.Tensor | None) -> None:
-    """Route per-sample timesteps to every temporal quantizer (and step-weight table) inside `module`."""
-    from .step_weights import StepWeights  # step_weights imports this module
-
-    for m in module.modules():
-        if isinstance(m, (TemporalQuantizer, StepWeights)):
-            m.set_timesteps(t)

@@ -1,15 +1,19 @@
 """Small diffusers models built from random weights, and helpers shared by the tests."""
 from __future__ import annotations
 
-import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["-m", "qdistill", "train"]  # how a launcher runs `qdistill train`
+STATE = Path("quantized") / "quantized_state.safetensors"  # a run's trained model, under its `out` folder
 
 # Differently shaped UNets: attention or not, cross-attention, layers_per_block 1 and 2.
 UNET2D_CONFIGS = {
@@ -64,15 +68,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def load_script(name: str):
-    """Import scripts/NAME.py as a module, to call its main() in-process."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def demo_pipeline_dir(tmp_path):
     """A small DDPM pipeline saved with save_pretrained, as a user's model folder."""
@@ -120,7 +115,7 @@ def build_tiny_sd_pipeline(path):
                         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 8],
                         latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
     unet = UNet2DConditionModel(**{**UNET_COND_CONFIGS["xattn-lpb1"], "sample_size": 8})
-    with torch.no_grad():  # like trained weights: no norm bias left at exactly zero (see test_distill.tiny_unet)
+    with torch.no_grad():  # like trained weights: no norm bias left at exactly zero (see tiny_unet)
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -136,3 +131,63 @@ def build_tiny_sd_pipeline(path):
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+# Block-wise distillation runs (`qdistill train` in a subprocess), shared by test_distill and test_adaround.
+def tiny_unet():
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, attention_head_dim=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    # like a trained model: no parameter sits at exactly zero or one (Adam's first steps are sign-like, and a
+    # bias whose gradient is near zero would move by ±lr on float noise alone)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return unet.eval()
+
+
+def make_tiny_bench(root, num_samples: int, batch_size: int):
+    """The tiny DDPM saved under root/model and its trajectories under root/traj (5 of 10 DDIM steps kept,
+    one shard per `batch_size` seeds)."""
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(root / "model")
+    from qdistill.cli import main as qdistill
+
+    rc = qdistill(["calibrate", "--config", "calibrate", f"model={root / 'model'}", f"out={root / 'traj'}",
+                   f"num_samples={num_samples}", f"batch_size={batch_size}", "num_steps=10", "every=2"])
+    assert rc == 0
+    return root
+
+
+def launch(args: list[str], nproc: int = 1, extra_torchrun: tuple = (), wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc == 1 and not extra_torchrun:
+        cmd = [sys.executable, *TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *extra_torchrun, *TRAIN, *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def trained_state(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / STATE))
+
+
+def assert_states_close(a: dict, b: dict, rtol: float) -> float:
+    """Every tensor within `rtol` of the other in relative norm: ||a - b|| / ||a|| (for runs that do the same
+    arithmetic, such as resumed vs uninterrupted)."""
+    assert a.keys() == b.keys()
+    worst, worst_key = 0.0, None
+    for k in a:
+        diff = (a[k].double() - b[k].double()).norm().item() / max(a[k].double().norm().item(), 1e-12)
+        if diff > worst:
+            worst, worst_key = diff, k
+    assert worst <= rtol, f"largest relative difference {worst:.3e} > {rtol} ({worst_key})"
+    return worst

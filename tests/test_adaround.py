@@ -1,5 +1,5 @@
 """AdaRound and the qdiffusion recipe (DESIGN.md §3.6): the rounding math, its regulariser and schedule,
-hardening onto the weight grid, and scripts/train.py --config configs/qdiffusion.yaml end to end with a kill
+hardening onto the weight grid, and `qdistill train --config qdiffusion` end to end with a kill
 and resume inside the rounding phase."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO
+from conftest import REPO, assert_states_close, launch, make_tiny_bench, trained_state
 from qdistill.configs import ConfigError, load_config
 from qdistill.configs.schema import QDiffusionConfig, TrainConfig
 from qdistill.quantizers import LayerSpec, QuantConv2d, QuantLinear, UniformQuantizer
@@ -24,7 +24,6 @@ from qdistill.quantizers.adaround import (AdaRoundQuantizer, alpha_for, attach_a
                                           harden, rectified_sigmoid, rounding_regularizer)
 from qdistill.trainer.phases import cosine
 from qdistill.trainer.qdiffusion import RoundingPhase
-from test_distill import assert_states_close, launch, make_tiny_bench, trained_state
 
 
 def split_conv(init: str = "minmax", seed: int = 0) -> QuantConv2d:
@@ -235,7 +234,7 @@ def test_qdiffusion_run_lowers_block_losses_below_round_to_nearest(qdiffusion_ru
 
     # the saved model is a plain quantized model: no α, every weight on its quantizer's grid
     from qdistill.quantizers import QUANT_LAYERS
-    from qdistill.trainer.checkpoint import load_quantized
+    from qdistill.export import load_quantized
 
     assert not any(k.endswith(".alpha") for k in trained_state(out))
     student = load_quantized(out / "quantized")
@@ -262,6 +261,7 @@ def test_qdiffusion_run_lowers_block_losses_below_round_to_nearest(qdiffusion_ru
     assert act_lr == pytest.approx([4e-4 * cosine(i, 6) for i in range(1, 7)], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_qdiffusion_resumed_inside_the_rounding_phase_equals_uninterrupted(qdiffusion_runs):
     stopped = qdiffusion_runs["stopped"]
     assert stopped["phase_name"] == "rounding" and 0 < stopped["iteration"] < 12

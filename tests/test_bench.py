@@ -9,11 +9,11 @@ from diffusers import DDIMScheduler, DDPMPipeline
 
 from conftest import REPO
 from qdistill.configs import load_config
-from qdistill.data.fashion_mnist import DEFAULT_ROOT, DatasetMissingError, load_fashion_mnist
-from qdistill.evaluation.bench_classifier import BenchClassifier, load_test_stats
+from qdistill.bench.fashion_mnist import DEFAULT_ROOT, DatasetMissingError, load_fashion_mnist
+from qdistill.bench.classifier_net import BenchClassifier, load_test_stats
 from qdistill.evaluation.frechet import frechet_distance
-from qdistill.trainer.classifier import accuracy
-from qdistill.trainer.teacher import TeacherConfig, train_teacher
+from qdistill.bench.train_classifier import accuracy
+from qdistill.bench.train_teacher import TeacherConfig, train_teacher
 
 HAVE_DATA = (DEFAULT_ROOT / "t10k-images-idx3-ubyte.gz").is_file()
 needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST absent: apt-get install dataset-fashion-mnist")

@@ -1,4 +1,4 @@
-"""On the shipped bench teacher at W4A4: block-wise distillation beats the RTN baseline (scripts/quantize.py)
+"""On the shipped bench teacher at W4A4: block-wise distillation beats the RTN baseline (`qdistill quantize`)
 block by block and on final samples. Short on purpose (a few dozen iterations per block); the full recipe's
 numbers are in BENCHMARKS.md."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, load_script
-from test_distill import launch
+from conftest import REPO, launch
+from qdistill.cli import main as qdistill
 
 TEACHER = REPO / "bench" / "teacher"
 SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
@@ -18,17 +18,14 @@ SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-distill")
-    calibrate = load_script("calibrate").main
-    common = [f"model={TEACHER}", "num_steps=20", "every=2", "batch_size=16"]
-    assert calibrate(["--config", str(REPO / "configs" / "calibrate.yaml"), *common, f"out={root / 'traj'}",
-                      "num_samples=32"]) == 0
-    assert calibrate(["--config", str(REPO / "configs" / "calibrate.yaml"), *common, f"out={root / 'held-out'}",
-                      "num_samples=16", "seed=5000"]) == 0
-    assert load_script("quantize").main([
-        "--config", str(REPO / "configs" / "rtn.yaml"), f"model={TEACHER}", f"out={root / 'rtn'}",
+    common = ["calibrate", "--config", "calibrate", f"model={TEACHER}", "num_steps=20", "every=2", "batch_size=16"]
+    assert qdistill([*common, f"out={root / 'traj'}", "num_samples=32"]) == 0
+    assert qdistill([*common, f"out={root / 'held-out'}", "num_samples=16", "seed=5000"]) == 0
+    assert qdistill([
+        "quantize", "--config", "rtn", f"model={TEACHER}", f"out={root / 'rtn'}",
         "quant.weight_bits=4", "quant.act_bits=4", "calibration.num_samples=32", "calibration.num_steps=20",
         "calibration.every=2", *SAMPLING]) == 0
-    rc, log = launch(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={TEACHER}",
+    rc, log = launch(["--config", "dilatequant", f"model={TEACHER}",
                       f"trajectories={root / 'traj'}", f"out={root / 'bkd'}", "deepspeed=zero0.json",
                       "distill.iterations=40", "distill.batch_size=16", "distill.init_rows=320", *SAMPLING])
     assert rc == 0, log
@@ -40,7 +37,7 @@ def test_distillation_beats_rtn_on_every_block_and_on_samples(runs):
     from qdistill.data.model_folder import load_unet
     from qdistill.evaluation.fidelity import block_output_mse
     from qdistill.quantizers import find_blocks
-    from qdistill.trainer.checkpoint import load_quantized
+    from qdistill.export import load_quantized
 
     fp = load_unet(TEACHER).eval()
     rtn, bkd = load_quantized(runs / "rtn" / "quantized"), load_quantized(runs / "bkd" / "quantized")

@@ -1,25 +1,23 @@
-"""scripts/benchmark.py on a reduced setting: every recipe runs through the real stage scripts, the table is
+"""`qdistill benchmark` on a reduced setting: every recipe runs through the real `qdistill` stages, the table is
 well formed, finished rows are not recomputed, and the table lands in the marked section of a Markdown file."""
 import json
-import subprocess
-import sys
 
-from conftest import REPO, load_script
+import pytest
+
+from qdistill.cli import main as qdistill
 
 
+@pytest.mark.slow
 def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_pipeline_dir, tmp_path, capsys):
     traj = tmp_path / "traj"
-    subprocess.run([sys.executable, "scripts/calibrate.py", "--config", "configs/calibrate.yaml",
-                    f"model={demo_pipeline_dir}", f"out={traj}", "num_samples=8", "num_steps=10", "batch_size=4",
-                    "every=2"], cwd=REPO, check=True, capture_output=True)
+    assert qdistill(["calibrate", "--config", "calibrate", f"model={demo_pipeline_dir}", f"out={traj}",
+                     "num_samples=8", "num_steps=10", "batch_size=4", "every=2"]) == 0
     md = tmp_path / "BENCH.md"
     md.write_text("# notes\n<!-- benchmark:begin -->\nold table\n<!-- benchmark:end -->\ntail\n")
-    args = ["--out", str(tmp_path / "b"), "--model", str(demo_pipeline_dir), "--trajectories", str(traj),
-            "--classifier", str(tmp_path / "no-classifier"), "--bits", "W4A8", "--iterations", "2",
-            "--num-samples", "4", "--steps", "4", "--fidelity-samples", "2", "--nc-samples", "2",
-            "--mode", "simulated", "--update", str(md)]
-    benchmark = load_script("benchmark")
-    assert benchmark.main(args) == 0
+    args = ["benchmark", f"out={tmp_path / 'b'}", f"model={demo_pipeline_dir}", f"trajectories={traj}",
+            f"classifier={tmp_path / 'no-classifier'}", "bits=[W4A8]", "iterations=2", "num_samples=4", "steps=4",
+            "fidelity_samples=2", "nc_samples=2", "mode=simulated", f"update={md}"]
+    assert qdistill(args) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     # 5 recipes at W4A8 with DDIM, then qdiffusion and ptqd with DDPM (no W4A4: no mixed-precision row)
     assert sorted(results) == sorted(["rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim",
@@ -40,9 +38,9 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     doc = md.read_text()
     assert "old table" not in doc and "| rtn | W4A8 | ddim |" in doc and doc.endswith("<!-- benchmark:end -->\ntail\n")
 
-    # a rerun recomputes nothing (no stage script runs), and other settings in the same folder are refused
+    # a rerun recomputes nothing (no stage runs), and other settings in the same folder are refused
     capsys.readouterr()
-    assert benchmark.main(args) == 0
+    assert qdistill(args) == 0
     assert "$ " not in capsys.readouterr().out
-    assert benchmark.main([*args[:-2], "--iterations", "3"]) == 2
+    assert qdistill([*args, "iterations=3"]) == 2
     assert "other settings" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+
 from qdistill.configs import load_config
 from qdistill.configs.schema import TrajectoryConfig
 from qdistill.data.calibration import record_calibration_set
@@ -24,11 +24,11 @@ SMALL = ["num_samples=6", "batch_size=2", "num_steps=6", "every=2", "scheduler=d
 def run_calibrate(args, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in both runs: bitwise-equal arithmetic
     if nproc == 1:
-        cmd = [sys.executable, str(REPO / "scripts/calibrate.py")]
+        cmd = [sys.executable, "-m", "qdistill", "calibrate"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "scripts/calibrate.py")]
-    proc = subprocess.run(cmd + ["--config", str(REPO / "configs/calibrate.yaml"), *args],
+               "-m", "qdistill", "calibrate"]
+    proc = subprocess.run(cmd + ["--config", "calibrate", *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -38,6 +38,7 @@ def rows_by_key(ds):
     return {(int(r["sample_id"]), int(r["step"])): r for r in ds}
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_record_the_same_samples(demo_pipeline_dir, tmp_path):
     run_calibrate([f"model={demo_pipeline_dir}", f"out={tmp_path / 'one'}", *SMALL])
     run_calibrate([f"model={demo_pipeline_dir}", f"out={tmp_path / 'two'}", *SMALL], nproc=2)
@@ -113,7 +114,7 @@ def test_damaged_folders_give_clear_errors(demo_pipeline_dir, tmp_path):
     with pytest.raises(CalibrationSetError, match="manifest.json not found"):
         load_shards(missing)
     # recording into a finished folder without overwrite
-    with pytest.raises(FileExistsError, match="overwrite=true"):
+    with pytest.raises(CalibrationSetError, match="overwrite=true"):
         record_calibration_set(cfg_for(demo_pipeline_dir, good, num_samples=4, batch_size=2))
 
 

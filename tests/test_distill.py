@@ -3,6 +3,7 @@ TensorBoard output, checkpoint damage, divergence guard, a text-conditional pipe
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,44 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
-
-from conftest import REPO, load_script
-
-TRAIN = str(REPO / "scripts" / "train.py")
-STATE = Path("quantized") / "quantized_state.safetensors"
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
-                       norm_num_groups=4, attention_head_dim=8,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    # like a trained model: no parameter sits at exactly zero or one (Adam's first steps are sign-like, and a
-    # bias whose gradient is near zero would move by ±lr on float noise alone)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
+from conftest import REPO, TRAIN, assert_states_close, launch, make_tiny_bench, trained_state
+from qdistill.cli import main as qdistill
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """A tiny DDPM pipeline and its calibration trajectories: 8 seeds x 5 of 10 DDIM steps, 4 shards."""
     return make_tiny_bench(tmp_path_factory.mktemp("distill"), num_samples=8, batch_size=2)
-
-
-def make_tiny_bench(root, num_samples: int, batch_size: int):
-    """The tiny DDPM saved under root/model and its trajectories under root/traj (5 of 10 DDIM steps kept,
-    one shard per `batch_size` seeds)."""
-    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(root / "model")
-    rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={root / 'model'}",
-                                        f"out={root / 'traj'}", f"num_samples={num_samples}",
-                                        f"batch_size={batch_size}", "num_steps=10", "every=2"])
-    assert rc == 0
-    return root
 
 
 def train_args(bench: Path, out: Path, *overrides: str) -> list[str]:
@@ -61,41 +32,8 @@ def train_args(bench: Path, out: Path, *overrides: str) -> list[str]:
             "sampling.num_samples=2", "sampling.num_steps=4", "threads=1", *overrides]
 
 
-def launch(args: list[str], nproc: int = 1, extra_torchrun: tuple = (), wait: bool = True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if nproc == 1 and not extra_torchrun:
-        cmd = [sys.executable, TRAIN, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *extra_torchrun, TRAIN, *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
-    return proc.returncode, out
-
-
-def trained_state(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / STATE))
-
-
-def assert_states_close(a: dict, b: dict, rtol: float) -> float:
-    """Every tensor within `rtol` of the other in relative norm: ||a - b|| / ||a|| (for runs that do the same
-    arithmetic, such as resumed vs uninterrupted)."""
-    assert a.keys() == b.keys()
-    worst, worst_key = 0.0, None
-    for k in a:
-        diff = (a[k].double() - b[k].double()).norm().item() / max(a[k].double().norm().item(), 1e-12)
-        if diff > worst:
-            worst, worst_key = diff, k
-    assert worst <= rtol, f"largest relative difference {worst:.3e} > {rtol} ({worst_key})"
-    return worst
-
-
 def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
-    """The student that scripts/train.py with `args` starts distilling from."""
+    """The student that `qdistill train` with `args` starts distilling from."""
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list
@@ -160,9 +98,10 @@ def two_rank_zero2(bench):
 def quantized_inputs_run(bench):
     """The default recipe: each quantized block learns from the quantized chain's output (one rank)."""
     out = bench / "runs" / "quantized-inputs"
-    rc, log = launch(train_args(bench, out, "deepspeed=zero0.json"))
+    args = train_args(bench, out, "deepspeed=zero0.json")
+    rc, log = launch(args)
     assert rc == 0, log
-    return out, log
+    return out, log, args
 
 
 def test_two_ranks_zero0_match_one_rank(bench, reference_run):
@@ -185,6 +124,7 @@ def test_recomputed_block_inputs_train_what_cached_ones_train(bench, reference_r
     assert_same_training(trained_state(out), trained_state(reference_run[0]), reference_run[2])  # float rounding only
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_trains_what_torchrun_trains(bench, two_rank_zero2):
     import shutil
     import socket
@@ -197,7 +137,7 @@ def test_deepspeed_launcher_trains_what_torchrun_trains(bench, two_rank_zero2):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), TRAIN,
+    proc = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", str(port), "--module", "qdistill", "train",
                            *train_args(bench, out, "deepspeed=zero2.json", FP_INPUTS)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -214,12 +154,31 @@ def test_quantized_inputs_differ_from_fp_inputs_after_the_first_block(reference_
 
 
 def test_training_moves_parameters_and_lowers_block_losses(quantized_inputs_run):
-    out, log = quantized_inputs_run
+    out, log, args = quantized_inputs_run
     metrics = json.loads((out / "metrics.json").read_text())
     blocks = metrics["blocks"]
     assert len(blocks) >= 10 and all(b["iterations"] == 6 for b in blocks)
     assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in blocks)
     assert "block 1/" in log and "loss" in log  # the one-line summary per block
+
+    # every trained block's weights and quantizer step sizes left their initial (calibrated) values
+    start, trained = initial_state(args), trained_state(out)
+    assert start.keys() == trained.keys()
+    moved, total = 0, 0
+    for b in blocks:
+        keys = [k for k in trained if k.startswith(b["block"] + ".") and k.endswith((".weight", ".delta"))]
+        changed = [k for k in keys if not torch.equal(trained[k], start[k])]
+        assert any(k.endswith(".weight") for k in changed), f"no weight of {b['block']} moved"
+        assert any(k.endswith(".delta") for k in changed), f"no step size of {b['block']} moved"
+        moved, total = moved + len(changed), total + len(keys)
+    assert moved >= 0.9 * total, f"only {moved} of {total} weight and step-size tensors moved"
+
+    # block losses went down: block-output MSE on the block's fixed evaluation batch, before vs after its
+    # training (the per-iteration training losses are on different batches, too noisy after 6 iterations).
+    # 6 small steps do not lower every block; most blocks, and all of them together, must improve.
+    ratios = [b["final_mse"] / b["init_mse"] for b in blocks]
+    assert sum(r < 1 for r in ratios) >= 0.6 * len(blocks), ratios
+    assert math.prod(ratios) ** (1 / len(ratios)) < 0.99, ratios
 
 
 def _kill_a_worker_mid_block(proc: subprocess.Popen, out: Path) -> int:
@@ -236,12 +195,13 @@ def _kill_a_worker_mid_block(proc: subprocess.Popen, out: Path) -> int:
         if proc.poll() is not None:
             pytest.fail("training finished before it could be interrupted")
         time.sleep(0.02)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if TRAIN in " ".join(c.cmdline())]
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if " ".join(TRAIN) in " ".join(c.cmdline())]
     assert workers, "no training worker found"
     os.kill(workers[-1].pid, signal.SIGKILL)
     return p["block_index"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_torchrun_restart_resume_to_the_same_result(bench, two_rank_zero2):
     out = bench / "runs" / "killed"
     proc = launch(train_args(bench, out, "deepspeed=zero2.json", FP_INPUTS), nproc=2,
@@ -282,7 +242,7 @@ def test_explicit_restart_resumes_from_the_last_checkpoint(bench, quantized_inpu
 
 def test_tpq_tables_are_trained_per_timestep_and_mixed_batches_match(bench, quantized_inputs_run):
     from qdistill.quantizers import TemporalQuantizer
-    from qdistill.trainer.checkpoint import load_quantized
+    from qdistill.export import load_quantized
 
     student = load_quantized(quantized_inputs_run[0] / "quantized")
     tables = [m for m in student.modules() if isinstance(m, TemporalQuantizer) and m.timesteps.numel() > 1]
@@ -381,17 +341,17 @@ def test_bad_deepspeed_config_is_refused(bench, tmp_path):
     assert rc == 2 and "zero_optimization.stage" in log, log
 
 
+@pytest.mark.slow
 def test_text_conditional_guidance_pipeline_on_two_ranks(tiny_sd_dir, tmp_path):
     """The tiny Stable-Diffusion-shaped pipeline: cross-attention blocks, guidance batches ([uncond, text]
     halves from one calibration row), text embeddings. Two ranks train what one rank trains."""
     from qdistill.quantizers import set_quantization
-    from qdistill.trainer.checkpoint import load_quantized
+    from qdistill.export import load_quantized
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
-    rc = load_script("calibrate").main(["--config", str(REPO / "configs" / "calibrate.yaml"), f"model={tiny_sd_dir}",
-                                        f"out={tmp_path / 'traj'}", f"prompts={prompts}", "guidance_scale=4.0",
-                                        "num_samples=8", "batch_size=2", "num_steps=4", "every=2"])
+    rc = qdistill(["calibrate", "--config", "calibrate", f"model={tiny_sd_dir}", f"out={tmp_path / 'traj'}",
+                   f"prompts={prompts}", "guidance_scale=4.0", "num_samples=8", "batch_size=2", "num_steps=4", "every=2"])
     assert rc == 0
     args = ["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={tiny_sd_dir}",
             f"trajectories={tmp_path / 'traj'}", "distill.iterations=4", "distill.batch_size=4",

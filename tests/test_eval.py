@@ -1,4 +1,4 @@
-"""scripts/eval.py and its metrics: FD/FID code paths, the FP reference cache, ranks, text-conditional models."""
+"""`qdistill eval` and its metrics: FD/FID code paths, the FP reference cache, ranks, text-conditional models."""
 import copy
 import json
 import os
@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from conftest import REPO, load_script
-from qdistill.evaluation.bench_classifier import ConvFeatures
+from conftest import REPO
+from qdistill.cli import main as qdistill
+from qdistill.bench.classifier_net import ConvFeatures
 from qdistill.evaluation.frechet import frechet_distance
 from qdistill.evaluation.inception import inception_metrics, load_feature_network
 from qdistill.export import export_model
@@ -88,16 +89,14 @@ def bench_export(tmp_path_factory):
     return path
 
 
-EVAL_ARGS = ["--num-samples", "8", "--steps", "5", "--batch-size", "4", "--fidelity-samples", "2"]
+EVAL_ARGS = ["num_samples=8", "steps=5", "batch_size=4", "fidelity_samples=2"]
 
 
 def test_eval_writes_metrics_grid_tensorboard_and_reuses_the_fp_reference(bench_export, inception_file, tmp_path,
                                                                         capsys):
-    eval_script = load_script("eval")
-    args = ["--model", str(bench_export), "--reference", str(REPO / "bench" / "teacher"), "--cache-dir",
-            str(tmp_path / "cache"), "--classifier", str(REPO / "bench" / "classifier"),
-            "--inception", str(inception_file), *EVAL_ARGS]
-    assert eval_script.main([*args, "--out", str(tmp_path / "a")]) == 0
+    args = ["eval", f"model={bench_export}", f"reference={REPO / 'bench' / 'teacher'}", f"cache_dir={tmp_path / 'cache'}",
+            f"classifier={REPO / 'bench' / 'classifier'}", f"inception={inception_file}", *EVAL_ARGS]
+    assert qdistill([*args, f"out={tmp_path / 'a'}"]) == 0
     first = capsys.readouterr().out
     assert "FP reference cached" in first and "metric" in first  # the table
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
@@ -109,20 +108,21 @@ def test_eval_writes_metrics_grid_tensorboard_and_reuses_the_fp_reference(bench_
     assert (tmp_path / "a" / "samples.png").stat().st_size > 0
     assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "a" / "tb").iterdir())
 
-    assert eval_script.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert qdistill([*args, f"out={tmp_path / 'b'}"]) == 0
     assert "FP reference from cache" in capsys.readouterr().out
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())
     for key in ("fd", "fd_fp", "psnr_db", "ssim", "noise_pred_mse_mean", "fid_vs_fp"):
         assert again[key] == metrics[key], key
 
 
+@pytest.mark.slow
 def test_eval_two_ranks_equals_one_rank(bench_export, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    common = ["scripts/eval.py", "--model", str(bench_export), "--reference", "bench/teacher", *EVAL_ARGS]
+    common = ["-m", "qdistill", "eval", f"model={bench_export}", "reference=bench/teacher", *EVAL_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for n in (1, 2):
-        subprocess.run([*base, f"--nproc_per_node={n}", *common, "--out", str(tmp_path / f"r{n}"),
-                        "--cache-dir", str(tmp_path / f"cache{n}")], cwd=REPO, env=env, check=True,
+        subprocess.run([*base, f"--nproc_per_node={n}", *common, f"out={tmp_path / f'r{n}'}",
+                        f"cache_dir={tmp_path / f'cache{n}'}"], cwd=REPO, env=env, check=True,
                        capture_output=True, timeout=600)
     one, two = (json.loads((tmp_path / f"r{n}" / "metrics.json").read_text()) for n in (1, 2))
     assert two["world_size"] == 2
@@ -131,7 +131,7 @@ def test_eval_two_ranks_equals_one_rank(bench_export, tmp_path):
 
 
 def test_eval_refuses_a_non_export(tmp_path, capsys):
-    assert load_script("eval").main(["--model", str(REPO / "bench" / "teacher"), "--out", str(tmp_path)]) == 2
+    assert qdistill(["eval", f"model={REPO / 'bench' / 'teacher'}", f"out={tmp_path}"]) == 2
     assert "lacks quant_config.json" in capsys.readouterr().err
 
 
@@ -169,11 +169,42 @@ def test_eval_of_a_text_conditional_export_with_clip_score(tiny_sd_dir, tmp_path
     export_model(q, tmp_path / "export", recipe="test", scheduler_config=dict(load_scheduler(tiny_sd_dir).config))
     clip = build_tiny_clip(tmp_path / "clip", tiny_sd_dir / "tokenizer")
     (tmp_path / "prompts.txt").write_text("a photo of a red shoe\na blue bag\n")
-    args = ["--model", str(tmp_path / "export"), "--reference", str(tiny_sd_dir), "--prompts",
-            str(tmp_path / "prompts.txt"), "--clip", str(clip), "--out", str(tmp_path / "eval"),
-            "--cache-dir", str(tmp_path / "cache"), "--guidance-scale", "3.0", *EVAL_ARGS]
-    assert load_script("eval").main(args) == 0
+    args = ["eval", f"model={tmp_path / 'export'}", f"reference={tiny_sd_dir}", f"prompts={tmp_path / 'prompts.txt'}",
+            f"clip={clip}", f"out={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}", "guidance_scale=3.0",
+            *EVAL_ARGS]
+    assert qdistill(args) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert "fd" not in metrics  # 3×16×16 images: the bench classifier does not apply
     assert metrics["clip_score"] > 0 and metrics["clip_score_fp"] > 0
+    assert 10 < metrics["psnr_db"] < 80 and len(metrics["noise_pred_mse_per_step"]) == 5
+
+
+def test_eval_of_a_class_conditional_model_samples_balanced_labels(tmp_path):
+    """A class-conditional UNet2DModel (as calibrate and train accept): eval samples it with one label per seed,
+    balanced over the classes (seed % num_classes, the calibration rule), for FP and quantized alike."""
+    from diffusers import DDPMScheduler
+
+    from qdistill.data.model_folder import load_scheduler
+    from qdistill.evaluation.sampling import sample_batch
+
+    torch.manual_seed(0)
+    fp = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                     norm_num_groups=8, num_class_embeds=3, down_block_types=("DownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    fp.save_pretrained(tmp_path / "fp")
+    seen = []
+    handle = fp.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["class_labels"].tolist()), with_kwargs=True)
+    sample_batch(fp, load_scheduler(tmp_path / "fp", "ddim"), [10, 11, 12, 13], 2)
+    handle.remove()
+    assert seen == [[1, 2, 0, 1]] * 2
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"sample": torch.randn(4, 1, 8, 8, generator=g), "timestep": torch.full((4,), float(t)),
+                "class_labels": torch.tensor([0, 1, 2, 0])} for t in (999, 500, 1)]
+    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    export_model(q, tmp_path / "export", recipe="test",
+                 scheduler_config={"_class_name": "DDPMScheduler", **DDPMScheduler().config})
+    assert qdistill(["eval", f"model={tmp_path / 'export'}", f"reference={tmp_path / 'fp'}", "mode=simulated",
+                     f"out={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}", *EVAL_ARGS]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert 10 < metrics["psnr_db"] < 80 and len(metrics["noise_pred_mse_per_step"]) == 5

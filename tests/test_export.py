@@ -23,7 +23,8 @@ def test_packing_round_trips_exactly(bits, qmin):
     g = torch.Generator().manual_seed(bits)
     q = torch.randint(qmin, qmin + 2**bits, (7, 5, 3), generator=g).to(torch.int16)  # odd count: a padded nibble
     packed = pack_codes(q, bits, qmin)
-    assert packed.dtype == torch.uint8 and packed.numel() == (q.numel() + 1) // 2 if bits <= 4 else q.numel()
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == ((q.numel() + 1) // 2 if bits <= 4 else q.numel())  # 2 codes a byte up to 4 bits
     assert torch.equal(unpack_codes(packed, bits, qmin, q.shape), q)
     with pytest.raises(ValueError, match="outside"):
         pack_codes(q + 2**bits, bits, qmin)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from conftest import REPO, build_unet, calibration_batches
+from conftest import build_unet, calibration_batches
 from qdistill.data.trajectories import run_sampler
 from qdistill.export import export_model, load_exported
 from qdistill.quantizers import QUANT_LAYERS, QuantConfig, calibrate_, dilate_weight, quantize_
@@ -216,30 +216,29 @@ def test_export_script_plans_the_schedule_within_the_budget(demo_pipeline_dir, t
 
     from diffusers import UNet2DModel
 
-    from conftest import load_script
+    from qdistill.cli import main as qdistill
     from qdistill.data.model_folder import model_hash
-    from qdistill.trainer.checkpoint import save_quantized
+    from qdistill.export import save_quantized
 
     fp = UNet2DModel.from_pretrained(demo_pipeline_dir / "unet").eval()
     q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=4)), calibration_batches(fp))
     save_quantized(q, tmp_path / "run" / "quantized", recipe="rtn", source_model=str(demo_pipeline_dir),
                    source_model_hash=model_hash(demo_pipeline_dir))
-    export = load_script("export")
-    common = ["--run", str(tmp_path / "run"), "mixed_precision.enabled=true", "measure.samples=2", "measure.steps=6",
+    common = ["export", "--run", str(tmp_path / "run"), "mixed_precision.enabled=true", "measure.samples=2", "measure.steps=6",
               "measure.batch_size=2"]
     # the noise rule alone, then a budget between the all-A4 and the all-A8 cost
-    assert export.main([*common, "--out", str(tmp_path / "free")]) == 0
+    assert qdistill([*common, "--out", str(tmp_path / "free")]) == 0
     free = json.loads((tmp_path / "free" / "quant_config.json").read_text())["step_bits"]
-    assert export.main([*common, "--out", str(tmp_path / "all8"), "mixed_precision.bops_budget=1.0"]) == 0
+    assert qdistill([*common, "--out", str(tmp_path / "all8"), "mixed_precision.bops_budget=1.0"]) == 0
     cheapest = 4 * 4 / (32 * 32)  # below what the 8-bit first/last layers alone allow
-    assert export.main([*common, "--out", str(tmp_path / "tight"), f"mixed_precision.bops_budget={cheapest}"]) == 2
+    assert qdistill([*common, "--out", str(tmp_path / "tight"), f"mixed_precision.bops_budget={cheapest}"]) == 2
     assert "below the cost of running every step at low precision" in capsys.readouterr().err
     low_cost = min(free["bops_per_step"]) * len(free["bops_per_step"]) / (free["fp_bops_per_step"] * 6)
     budget = (low_cost + free["relative_bops"]) / 2
     assert free["act_bits"][-1] == 8  # the last step (ᾱ_prev = 1: no noise left to hide in) runs at 8 bits
     assert free["act_bits"].count(8) >= 2  # so the budget below has steps to send to 4 bits
     assert free["weight_bits"] == [4] * 6  # one weight copy: weights keep their bits
-    assert export.main([*common, "--out", str(tmp_path / "mixed"), f"mixed_precision.bops_budget={budget:.6f}"]) == 0
+    assert qdistill([*common, "--out", str(tmp_path / "mixed"), f"mixed_precision.bops_budget={budget:.6f}"]) == 0
     meta = json.loads((tmp_path / "mixed" / "quant_config.json").read_text())["step_bits"]
     assert meta["relative_bops"] <= budget + 1e-9 < free["relative_bops"]
     assert meta["act_bits"].count(8) < free["act_bits"].count(8)
@@ -254,8 +253,8 @@ def test_export_script_plans_the_schedule_within_the_budget(demo_pipeline_dir, t
                           for q in tables)
 
     # weights too: W4A4 / W8A8 with a second, 8-bit weight copy from the FP model; the shipped recipe config
-    assert export.main(["--config", str(REPO / "configs" / "dilatequant+ptqd.yaml"), *common,
-                        "--out", str(tmp_path / "weights"), "mixed_precision.weight_bits=8"]) == 0
+    assert qdistill([*common, "--config", "dilatequant+ptqd", "--out", str(tmp_path / "weights"),
+                     "mixed_precision.weight_bits=8"]) == 0
     meta = json.loads((tmp_path / "weights" / "quant_config.json").read_text())
     plan = meta["step_bits"]
     assert plan["high_precision"] == free["high_precision"]  # the noise rule reads the low model alone
@@ -269,10 +268,10 @@ def test_export_script_plans_the_schedule_within_the_budget(demo_pipeline_dir, t
         assert bit_operations(mixw, macs, t) == pytest.approx(bops)
     # asking for fewer bits than the model has, and unknown keys, are config errors naming the key
     capsys.readouterr()
-    assert export.main([*common, "--out", str(tmp_path / "x"), "mixed_precision.weight_bits=2"]) == 2
+    assert qdistill([*common, "--out", str(tmp_path / "x"), "mixed_precision.weight_bits=2"]) == 2
     assert "mixed_precision.weight_bits (2) must exceed the model's weight bits (4)" in capsys.readouterr().err
-    assert export.main([*common, "--out", str(tmp_path / "x"), "mixed_precision.budget=0.1"]) == 2
+    assert qdistill([*common, "--out", str(tmp_path / "x"), "mixed_precision.budget=0.1"]) == 2
     assert "unknown config key 'mixed_precision.budget'" in capsys.readouterr().err
-    assert export.main(["--out", str(tmp_path / "x")]) == 2
+    assert qdistill(["export", "--out", str(tmp_path / "x")]) == 2
     assert "config key 'run' is required" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

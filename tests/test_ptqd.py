@@ -1,5 +1,5 @@
 """PTQD's quantization-noise correction: the statistics, the corrected scheduler, export storage, and
-scripts/export.py noise_correction=true (configs/ptqd.yaml) with scripts/eval.py end to end."""
+`qdistill export noise_correction=true` (the ptqd config) with `qdistill eval` end to end."""
 import copy
 import json
 
@@ -9,7 +9,8 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
                        UNet2DModel)
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
-from conftest import REPO, build_unet, calibration_batches, example_inputs, load_script
+from conftest import build_unet, calibration_batches, example_inputs
+from qdistill.cli import main as qdistill
 from qdistill.data.trajectories import record_trajectories, run_sampler, seeded_noise
 from qdistill.export import NOISE_CORRECTION_FILE, ExportError, export_model, load_exported, load_noise_correction
 from qdistill.quantizers import (NoiseCorrectedScheduler, NoiseCorrection, NoiseMoments, QuantConfig, TemporalQuantizer,
@@ -312,22 +313,21 @@ def test_export_round_trip_and_damaged_statistics(tiny_quantized, tmp_path):
         load_noise_correction(tmp_path / "e")
 
 
-# -- (f) scripts/export.py --config configs/ptqd.yaml, scripts/eval.py -----------------------------------
+# -- (f) qdistill export --config ptqd, qdistill eval -----------------------------------
 
 def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir, tiny_quantized, tmp_path, capsys):
     from qdistill.data.model_folder import model_hash
     from qdistill.evaluation.reference_cache import load_reference
-    from qdistill.trainer.checkpoint import save_quantized
+    from qdistill.export import save_quantized
 
     fp = UNet2DModel.from_pretrained(demo_pipeline_dir / "unet").eval()
     q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=8)), calibration_batches(fp))
     save_quantized(q, tmp_path / "run" / "quantized", recipe="rtn", source_model=str(demo_pipeline_dir),
                    source_model_hash=model_hash(demo_pipeline_dir))
-    export_script, eval_script = load_script("export"), load_script("eval")
     # the shipped recipe config, on this run, measured on DDPM
-    nc_args = ["--config", str(REPO / "configs" / "ptqd.yaml"), "measure.samples=4", "measure.steps=5",
-               "measure.scheduler=ddpm", "measure.batch_size=2"]
-    assert export_script.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "e"), *nc_args]) == 0
+    nc_args = ["--config", "ptqd", "measure.samples=4", "measure.steps=5", "measure.scheduler=ddpm",
+               "measure.batch_size=2"]
+    assert qdistill(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "e"), *nc_args]) == 0
     out = capsys.readouterr().out
     nc = load_noise_correction(tmp_path / "e")
     meta = json.loads((tmp_path / "e" / "quant_config.json").read_text())
@@ -343,14 +343,13 @@ def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir,
     assert [float(row[1]) for row in summary] == pytest.approx(nc.k.flip(0).tolist(), abs=1e-4)
     assert (nc.k.abs() > 0).all() and (nc.sigma > 0).all()
 
-    common = ["--model", str(tmp_path / "e"), "--reference", str(demo_pipeline_dir), "--mode", "simulated",
-              "--scheduler", "ddpm", "--steps", "5", "--num-samples", "4", "--batch-size", "2",
-              "--fidelity-samples", "2", "--classifier", str(tmp_path / "no-classifier")]
-    # a ptqd export samples with its correction by default, the same as --ptqd; --no-ptqd samples plainly
-    assert eval_script.main([*common, "--out", str(tmp_path / "ptqd"), "--cache-dir", str(tmp_path / "c1")]) == 0
-    assert eval_script.main([*common, "--no-ptqd", "--out", str(tmp_path / "plain"),
-                             "--cache-dir", str(tmp_path / "c2")]) == 0
-    assert eval_script.main([*common, "--ptqd", "--out", str(tmp_path / "flag"), "--cache-dir", str(tmp_path / "c2")]) == 0
+    common = ["eval", f"model={tmp_path / 'e'}", f"reference={demo_pipeline_dir}", "mode=simulated", "scheduler=ddpm",
+              "steps=5", "num_samples=4", "batch_size=2", "fidelity_samples=2",
+              f"classifier={tmp_path / 'no-classifier'}"]
+    # a ptqd export samples with its correction by default, the same as ptqd=true; ptqd=false samples plainly
+    assert qdistill([*common, f"out={tmp_path / 'ptqd'}", f"cache_dir={tmp_path / 'c1'}"]) == 0
+    assert qdistill([*common, "ptqd=false", f"out={tmp_path / 'plain'}", f"cache_dir={tmp_path / 'c2'}"]) == 0
+    assert qdistill([*common, "ptqd=true", f"out={tmp_path / 'flag'}", f"cache_dir={tmp_path / 'c2'}"]) == 0
     with_ptqd, without, flag = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ptqd", "plain", "flag"))
     assert with_ptqd["ptqd_noise_correction"] is True and without["ptqd_noise_correction"] is False
     assert "PTQD" in with_ptqd["sampler"] and with_ptqd["psnr_db"] != without["psnr_db"]
@@ -360,9 +359,9 @@ def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir,
     assert torch.equal(refs[0][0], refs[1][0])
     assert with_ptqd["noise_pred_mse_per_step"] == without["noise_pred_mse_per_step"]
 
-    # an export without statistics: --ptqd stops with a clear error
+    # an export without statistics: ptqd=true stops with a clear error
     export_model(tiny_quantized, tmp_path / "bare", recipe="test")
     capsys.readouterr()
-    assert eval_script.main(["--model", str(tmp_path / "bare"), "--reference", str(demo_pipeline_dir), "--ptqd",
-                             "--out", str(tmp_path / "x"), "--cache-dir", str(tmp_path / "c3")]) == 2
+    assert qdistill(["eval", f"model={tmp_path / 'bare'}", f"reference={demo_pipeline_dir}", "ptqd=true",
+                     f"out={tmp_path / 'x'}", f"cache_dir={tmp_path / 'c3'}"]) == 2
     assert "holds no noise-correction statistics" in capsys.readouterr().err

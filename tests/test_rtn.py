@@ -7,7 +7,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.quantizers import QuantConfig, calibrate_, quantize_
-from qdistill.trainer.checkpoint import CheckpointError, load_quantized, save_quantized
+from qdistill.export import CheckpointError, load_quantized, save_quantized
 
 
 def rtn(fp, weight_bits, act_bits, **kw):

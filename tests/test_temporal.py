@@ -103,6 +103,24 @@ def test_block_run_alone_gets_timesteps_from_set_timesteps():
     block = copy.deepcopy(model.up_blocks[1].resnets[0])
     x = torch.randn(2, block.in_channels, 8, 8)
     temb = torch.randn(2, block.time_emb_proj.in_features)
-    set_timesteps(block, torch.tensor([0.0, 999.0]))
+    t = torch.tensor([0.0, 999.0])
+    set_timesteps(block, t)
     with torch.no_grad():
-        assert torch.isfinite(block(x, temb)).all()
+        mixed = block(x, temb)
+
+    def with_only_row_of(timestep: float):
+        """The block with every table cut down to the one row `timestep` uses: no routing left to get wrong."""
+        single = copy.deepcopy(block)
+        for m in single.modules():
+            if isinstance(m, TemporalQuantizer):
+                r = (m.timesteps == timestep).nonzero().item()  # a calibrated timestep: its own row
+                m.load_state_dict({k: v[r:r + 1].clone() for k, v in m.state_dict().items()})
+        set_timesteps(single, torch.tensor([timestep]))
+        return single
+
+    with torch.no_grad():
+        own = [with_only_row_of(t[i].item())(x[i:i + 1], temb[i:i + 1]) for i in range(2)]
+        swapped = [with_only_row_of(t[1 - i].item())(x[i:i + 1], temb[i:i + 1]) for i in range(2)]
+    for i in range(2):  # each sample quantized with its own timestep's row, not the other sample's
+        assert torch.allclose(mixed[i:i + 1], own[i], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(mixed[i:i + 1], swapped[i], atol=1e-3, rtol=1e-3)

@@ -1,5 +1,5 @@
-"""Process-group setup for the three ways scripts/train.py is launched: plain `python` (one process),
-`torchrun --nproc_per_node=N` and `deepspeed --num_gpus N`. torchrun and the deepspeed launcher set RANK,
+"""Process-group setup for the three ways `qdistill train` is launched: plain `python` (one process),
+`torchrun --nproc_per_node=N -m qdistill` and `deepspeed --num_gpus N --module qdistill`. torchrun and the deepspeed launcher set RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain run gets single-process defaults. Without a
 GPU, DeepSpeed runs on its CPU accelerator over gloo."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The recipes scripts/train.py runs, chosen by the config's `recipe` key: the phases every block goes through."""
+"""The recipes `qdistill train` runs, chosen by the config's `recipe` key: the phases every block goes through."""
 from __future__ import annotations
 
 from ..configs import ConfigError

@@ -3,6 +3,8 @@ on Fashion-MNIST. Resumable: a checkpoint (model, EMA, optimizer, RNG, data posi
 atomically every `checkpoint_every` steps, and a run folder that holds one continues from it."""
 from __future__ import annotations
 
+import argparse
+import sys
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,8 +17,10 @@ from diffusers.training_utils import EMAModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from .checkpoint import atomic_dir
+from .fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from ..configs import load_config
+from ..errors import QdistillError
+from ..files import atomic_dir
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -131,3 +135,22 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     with atomic_dir(cfg.export) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp)
     return Path(cfg.export)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(TeacherConfig, args.config, args.overrides)
+        path = train_teacher(cfg)
+    except QdistillError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[teacher] saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

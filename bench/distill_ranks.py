@@ -1,8 +1,8 @@
 """Benchmark block-wise distillation across launchers: 1 rank vs 2 ranks, ZeRO 0 vs ZeRO 2.
 
-    python scripts/bench_distill_ranks.py [--iterations 100] [--out runs/bench-ranks]
+    python -m qdistill.bench.distill_ranks [--iterations 100] [--out runs/bench-ranks]
 
-Runs scripts/train.py on the bench teacher (W4A4, configs/dilatequant.yaml, the trajectories in
+Runs qdistill train on the bench teacher (W4A4, the dilatequant config, the trajectories in
 runs/trajectories) three ways: plain python (1 rank, 2 threads), torchrun 2 ranks x 1 thread with ZeRO 0,
 and with ZeRO 2. Reports training samples/s (inside the block loops, and overall including the capture of
 block inputs), time per block, and peak RSS per rank; writes OUT/results.json and prints a Markdown table.
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from qdistill.configs import CONFIG_DIR
 
 VARIANTS = [  # name, ranks, DeepSpeed config, torch threads per rank
     ("1 rank, ZeRO 0", 1, "zero0.json", 2),
@@ -26,7 +26,7 @@ VARIANTS = [  # name, ranks, DeepSpeed config, torch threads per rank
 
 def run(name: str, ranks: int, zero: str, threads: int, args) -> dict:
     out = Path(args.out) / name.replace(", ", "-").replace(" ", "")
-    train = [str(REPO / "scripts" / "train.py"), "--config", args.config, f"trajectories={args.trajectories}",
+    train = ["-m", "qdistill", "train", "--config", args.config, f"trajectories={args.trajectories}",
              f"out={out}", "overwrite=true", f"deepspeed={zero}", f"threads={threads}",
              f"distill.iterations={args.iterations}", "distill.checkpoint_every=0",
              "sampling.num_samples=4", "sampling.num_steps=10"]
@@ -34,7 +34,7 @@ def run(name: str, ranks: int, zero: str, threads: int, args) -> dict:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *train]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
@@ -53,7 +53,7 @@ def run(name: str, ranks: int, zero: str, threads: int, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "dilatequant.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "dilatequant.yaml"))
     parser.add_argument("--trajectories", default="runs/trajectories")
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--out", default="runs/bench-ranks")

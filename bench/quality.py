@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..data.fashion_mnist import CLASSES
+from .fashion_mnist import CLASSES
 from ..data.trajectories import record_trajectories
-from .bench_classifier import BenchClassifier, load_test_stats
-from .frechet import frechet_distance
+from .classifier_net import BenchClassifier, load_test_stats
+from ..evaluation.frechet import frechet_distance
 
 
 def sample_images(unet, scheduler, seeds, num_steps: int, batch_size: int = 100, eta: float = 0.0) -> torch.Tensor:
@@ -34,7 +34,7 @@ def fd_floor(classifier_dir: str | Path, num_samples: int, draws: int, seed: int
     """What real images score: FD of the whole train split to the test split, and of `draws` random sets of
     `num_samples` train images (FD is biased upwards at small sample sizes, so a generator's FD on N samples
     compares with real images' FD on N samples)."""
-    from ..data.fashion_mnist import load_fashion_mnist
+    from .fashion_mnist import load_fashion_mnist
 
     classifier = BenchClassifier.load(classifier_dir)
     stats = load_test_stats(classifier_dir)

@@ -1,10 +1,10 @@
 """Full quantization-aware training of the whole model vs block-wise distillation (BKD): time and memory.
 
-    python scripts/bench_qat.py [--iterations-per-block 20] [--out runs/bench-qat]
+    python -m qdistill.bench.qat [--iterations-per-block 20] [--out runs/bench-qat]
 
 Three runs on the bench teacher at W4A4, each in its own process (so each peak RSS is its own), from the
-same initialised student (Weight Dilation + TPQ), batch size and learning rates (configs/dilatequant.yaml):
-- BKD, scripts/train.py on 1 rank: N iterations per block, block inputs cached;
+same initialised student (Weight Dilation + TPQ), batch size and learning rates (the dilatequant config):
+- BKD, qdistill train on 1 rank: N iterations per block, block inputs cached;
 - BKD with distill.cache_mb=0: block inputs recomputed for every batch (the low-memory mode);
 - full QAT (`--mode qat`): the whole quantized model trained end to end to reproduce the FP noise prediction
   on the same calibration rows, for N x (number of blocks) iterations: the same number of updates.
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from qdistill.configs import CONFIG_DIR
 SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
 
 
@@ -35,7 +35,7 @@ def qat(args) -> dict:
     from qdistill.data.calibration_set import load_shard_list, to_model_inputs
     from qdistill.data.model_folder import load_scheduler, load_unet
     from qdistill.evaluation.fidelity import compare_to_fp
-    from qdistill.trainer.distill import parameter_groups
+    from qdistill.trainer.phases import parameter_groups
     from qdistill.trainer.student import build_student
 
     torch.set_num_threads(2)
@@ -78,10 +78,10 @@ def qat(args) -> dict:
 
 def bkd(args, name: str, *overrides: str) -> dict:
     out = Path(args.out) / name
-    cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", args.config,
+    cmd = [sys.executable, "-m", "qdistill", "train", "--config", args.config,
            f"trajectories={args.trajectories}", f"out={out}", "overwrite=true", "deepspeed=zero0.json", "threads=2",
            f"distill.iterations={args.iterations_per_block}", "distill.checkpoint_every=0", *SAMPLING, *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     if proc.returncode:
         sys.exit(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
@@ -92,7 +92,7 @@ def bkd(args, name: str, *overrides: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "dilatequant.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "dilatequant.yaml"))
     parser.add_argument("--trajectories", default="runs/trajectories")
     parser.add_argument("--iterations-per-block", type=int, default=20)
     parser.add_argument("--out", default="runs/bench-qat")
@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     print("[bench] BKD, inputs recomputed per batch ...", flush=True)
     results["BKD (inputs recomputed, cache_mb=0)"] = bkd(args, "bkd-recompute", "distill.cache_mb=0")
     print("[bench] full QAT ...", flush=True)
-    proc = subprocess.run([sys.executable, __file__, "--mode", "qat", "--config", args.config,
+    proc = subprocess.run([sys.executable, "-m", __name__, "--mode", "qat", "--config", args.config,
                            "--trajectories", args.trajectories, "--iterations-per-block", str(args.iterations_per_block)],
-                          cwd=REPO, capture_output=True, text=True)
+                          capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"full QAT failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

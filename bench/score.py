@@ -1,11 +1,11 @@
 """Quality of a model on the bench: FD of N DDIM samples to the Fashion-MNIST test split (bench classifier
 features), the classifier's label distribution over them, and a sample grid. The model is a diffusers
-folder (the FP teacher) or a quantized folder written by scripts/train.py / scripts/quantize.py (sampled
+folder (the FP teacher) or a quantized folder written by qdistill train / qdistill quantize (sampled
 with its source model's scheduler).
 
-    python scripts/bench_quality.py --model bench/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
+    python -m qdistill.bench.score --model bench/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
         --out bench/teacher_record.json --grid bench/teacher_samples.png
-    python scripts/bench_quality.py --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
+    python -m qdistill.bench.score --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
 """
 import argparse
 import json
@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet
-from qdistill.evaluation.bench import bench_quality, fd_floor, sample_images
+from qdistill.bench.quality import bench_quality, fd_floor, sample_images
 from qdistill.evaluation.fidelity import save_grid
-from qdistill.trainer.checkpoint import CheckpointError, META_FILE, atomic_write_text, load_quantized
+from qdistill.errors import CheckpointError
+from qdistill.export import load_quantized
+from qdistill.export.quantized import META_FILE
+from qdistill.files import atomic_write_text
 
 
 def main(argv=None) -> int:

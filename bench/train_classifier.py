@@ -1,6 +1,9 @@
 """Training the bench classifier on Fashion-MNIST (padded to 32×32, in [-1, 1])."""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 import time
 from dataclasses import dataclass
 
@@ -8,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from ..evaluation.bench_classifier import BenchClassifier
+from .fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from .classifier_net import BenchClassifier
 from ..evaluation.frechet import add_images, frechet_metric, reference_stats
-from .checkpoint import atomic_dir
+from ..configs import load_config
+from ..errors import QdistillError
+from ..files import atomic_dir
 
 
 @dataclass
@@ -69,3 +74,22 @@ def train_classifier(cfg: ClassifierConfig) -> dict:
     with atomic_dir(cfg.out) as tmp:
         model.save(tmp, reference_stats(metric))
     return {"test_accuracy": acc, "fd_train_vs_test": floor, "seconds": time.time() - t0}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(ClassifierConfig, args.config, args.overrides)
+        result = train_classifier(cfg)
+    except QdistillError as e:
+        print(f"qdistill: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

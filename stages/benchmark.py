@@ -1,46 +1,49 @@
-"""The side-by-side benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same
-calibration data, seeds and sampler, each judged by scripts/eval.py on its export.
+"""benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same calibration data,
+seeds and sampler, each judged by `qdistill eval` on its export.
 
-    python scripts/benchmark.py                  # the full table (about 75 minutes on a 2-core CPU)
-    python scripts/benchmark.py --quick          # W4A8 only, short training, 256 samples (about 10 minutes)
+    qdistill benchmark                  # the full table (about 75 minutes on a 2-core CPU)
+    qdistill benchmark quick=true       # W4A8 only, short training, 256 samples (about 10 minutes)
 
-Recipes (DESIGN.md §3.1–3.8; each a config in configs/, run by the stage scripts users run):
-  rtn              scripts/quantize.py --config configs/rtn.yaml (MSE ranges, one activation scale)
-  qdiffusion       scripts/train.py --config configs/qdiffusion.yaml (AdaRound + activation step sizes)
-  ptqd             the qdiffusion model, scripts/export.py --config configs/ptqd.yaml (PTQD's noise correction;
-                   eval.py samples with it)
-  dilatequant      scripts/train.py --config configs/dilatequant.yaml (Weight Dilation + TPQ + BKD)
-  dilatequant+ptqd the dilatequant model, scripts/export.py --config configs/dilatequant+ptqd.yaml
+Recipes (DESIGN.md §3.1–3.8; each an installed config, run by the same `qdistill` stages users run):
+  rtn              qdistill quantize --config rtn (MSE ranges, one activation scale)
+  qdiffusion       qdistill train --config qdiffusion (AdaRound + activation step sizes)
+  ptqd             the qdiffusion model, qdistill export --config ptqd (PTQD's noise correction; eval samples
+                   with it)
+  dilatequant      qdistill train --config dilatequant (Weight Dilation + TPQ + BKD)
+  dilatequant+ptqd the dilatequant model, qdistill export --config dilatequant+ptqd
 plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and two W4A4 dilatequant+ptqd rows
 with step-aware mixed precision by PTQD's noise rule: A4/A8 (one weight copy) and W4A4/W8A8 (a second, 8-bit
 weight copy from the FP model).
 
-Every row: FD in the bench classifier's features and ΔFD vs FP (scripts/eval.py, FP sampled once, cached),
+Every row: FD in the bench classifier's features and ΔFD vs FP (`qdistill eval`, FP sampled once, cached),
 PSNR vs FP on the same seeds, calibration wall time and peak memory of the stage that made the model (the
 process tree's RSS), exported size, bit-operations relative to FP. Rows land in OUT/results.json as they
-finish; a rerun skips finished rows and reuses trained models (train.py resumes from its checkpoint), so the
-benchmark can be stopped and resumed. The table goes to OUT/benchmark.md and, with --update FILE, between the
+finish; a rerun skips finished rows and reuses trained models (train resumes from its checkpoint), so the
+benchmark can be stopped and resumed. The table goes to OUT/benchmark.md and, with update=FILE, between the
 `<!-- benchmark:begin -->` / `<!-- benchmark:end -->` markers of FILE.
 
-The calibration data: scripts/calibrate.py's trajectories (--trajectories, recorded with
-configs/calibrate.yaml if missing) for the trained recipes; rtn records the same trajectories itself (same
-seeds, sampler and every-5th-step selection: `calibration.num_samples` = the trajectories' count).
+The calibration data: `qdistill calibrate`'s trajectories (`trajectories=`, recorded with the `calibrate` config
+if missing) for the trained recipes; rtn records the same trajectories itself (same seeds, sampler and
+every-5th-step selection: `calibration.num_samples` = the trajectories' count).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import logging
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
+from ..configs import CONFIG_DIR
+from ..configs.schema import BenchmarkConfig
+from ..errors import ConfigError, QdistillError
+from ..files import atomic_write_text
 
-from qdistill.trainer.checkpoint import atomic_write_text
-
-REPO = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
+QDISTILL = [sys.executable, "-m", "qdistill"]
 BITS = ("W8A8", "W4A8", "W4A4")
 RECIPES = ("rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd")
 MARK_BEGIN, MARK_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -83,13 +86,15 @@ def rows_for(bits: list[str], recipes: list[str], extra_rows: bool) -> list[Row]
 
 
 def run(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Run a stage script; (wall seconds, peak RSS in MB of its whole process tree). Output goes to `log`;
-    a failure raises with the log's tail."""
+    """Run a stage (`qdistill ...` in a process of its own, so its memory is its own); (wall seconds, peak RSS in
+    MB of its whole process tree). Output goes to `log`; a failure raises with the log's tail."""
+    import psutil
+
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[benchmark] $ {' '.join(cmd)}", flush=True)
+    logger.info(f"$ qdistill {' '.join(cmd[len(QDISTILL):])}")
     t0, peak = time.time(), 0.0
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -101,7 +106,7 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     seconds = time.time() - t0
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{cmd[1]} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        raise RuntimeError(f"qdistill {cmd[len(QDISTILL)]} failed (exit {proc.returncode}); log {log}:\n{tail}")
     return seconds, peak
 
 
@@ -112,13 +117,12 @@ def train_model(recipe: str, bits: str, args, out: Path) -> dict:
     if record.is_file():
         return json.loads(record.read_text())
     wb, ab = bits[1], bits[3]
-    py = sys.executable
     common = [f"model={args.model}", f"out={run_dir}", f"quant.weight_bits={wb}", f"quant.act_bits={ab}"]
     if recipe == "rtn":
-        cmd = [py, "scripts/quantize.py", "--config", str(args.configs / "rtn.yaml"), *common,
+        cmd = [*QDISTILL, "quantize", "--config", str(args.configs / "rtn.yaml"), *common,
                *same_calibration(args.trajectories), f"sampling.num_samples={args.fidelity_samples}"]
     else:
-        cmd = [py, "scripts/train.py", "--config", str(args.configs / f"{recipe}.yaml"), *common,
+        cmd = [*QDISTILL, "train", "--config", str(args.configs / f"{recipe}.yaml"), *common,
                f"trajectories={args.trajectories}", f"sampling.num_samples={args.fidelity_samples}"]
         if recipe == "dilatequant":
             cmd.append(f"distill.iterations={args.iterations}")
@@ -137,7 +141,7 @@ def same_calibration(trajectories: str) -> list[str]:
     m = json.loads((Path(trajectories) / "manifest.json").read_text())
     scheduler = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}.get(m["scheduler"]["class"])
     if m["selection"]["mode"] != "uniform" or scheduler is None or m["conditioning"] != "none":
-        raise ValueError(f"{trajectories}: rtn re-records the trajectories and supports uniform selection of "
+        raise ConfigError(f"{trajectories}: rtn re-records the trajectories and supports uniform selection of "
                          f"unconditional DDIM/DDPM trajectories only (these: {m['selection']['mode']}, "
                          f"{m['scheduler']['class']}, conditioning {m['conditioning']})")
     return [f"calibration.num_samples={m['seeds']['count']}", f"calibration.seed={m['seeds']['start']}",
@@ -150,10 +154,10 @@ def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> 
     """Bit-operations of a sampling run of the export relative to the FP model's (per-step bits included)."""
     import torch
 
-    from qdistill.data.model_folder import load_scheduler
-    from qdistill.data.trajectories import sample_shape
-    from qdistill.export import load_exported
-    from qdistill.quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
+    from ..data.model_folder import load_scheduler
+    from ..data.trajectories import sample_shape
+    from ..export import load_exported
+    from ..quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
 
     q = load_exported(export, "simulated")
     scheduler = load_scheduler(model, scheduler_name)
@@ -163,15 +167,11 @@ def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> 
     return sum(bit_operations(q, macs, float(t)) for t in scheduler.timesteps) / (fp * len(scheduler.timesteps))
 
 
-def evaluate(row: Row, args, out: Path) -> dict:
-    py = sys.executable
+def evaluate_row(row: Row, args, out: Path) -> dict:
     row_dir = out / "rows" / row.name
-    sampler = ["--scheduler", row.scheduler, "--steps", str(args.steps)]
-    common = [*sampler, "--num-samples", str(args.num_samples), "--fidelity-samples", str(args.fidelity_samples),
-              "--classifier", args.classifier, "--cache-dir", str(out / "fp_cache"), "--reference", args.model]
     stage = train_model(row.base, row.bits, args, out)
     export = row_dir / "export"
-    cmd = [py, "scripts/export.py", "--run", stage["run"], "--out", str(export)]
+    cmd = [*QDISTILL, "export", f"run={stage['run']}", f"out={export}"]
     if row.ptqd:  # the recipe's export config: configs/ptqd.yaml, configs/dilatequant+ptqd.yaml
         cmd += ["--config", str(args.configs / f"{row.recipe}.yaml")]
     if row.ptqd or row.mixed_precision:  # measured on this row's sampler
@@ -179,8 +179,10 @@ def evaluate(row: Row, args, out: Path) -> dict:
     if row.mixed_precision:
         cmd += ["mixed_precision.enabled=true"] + (["mixed_precision.weight_bits=8"] if row.mixed_weights else [])
     run(cmd, row_dir / "export.log")
-    eval_cmd = [py, "scripts/eval.py", "--model", str(export), "--out", str(row_dir / "eval"), *common,
-                "--mode", args.mode, "--ptqd" if row.ptqd else "--no-ptqd"]
+    eval_cmd = [*QDISTILL, "eval", f"model={export}", f"out={row_dir / 'eval'}", f"scheduler={row.scheduler}",
+                f"steps={args.steps}", f"num_samples={args.num_samples}", f"fidelity_samples={args.fidelity_samples}",
+                f"classifier={args.classifier}", f"cache_dir={out / 'fp_cache'}", f"reference={args.model}",
+                f"mode={args.mode}", f"ptqd={str(row.ptqd).lower()}"]
     run(eval_cmd, row_dir / "eval.log")
     m = json.loads((row_dir / "eval" / "metrics.json").read_text())
     meta = json.loads((export / "quant_config.json").read_text())
@@ -197,7 +199,7 @@ def fmt(v, spec: str) -> str:
 
 
 def table(rows: list[Row], results: dict, args) -> str:
-    from qdistill.data.model_folder import resolve
+    from ..data.model_folder import resolve
 
     lines = [f"Bench model `{args.model}`; {args.num_samples} samples per row on seeds 100000…, {args.steps} steps, "
              f"quantized models sampled on `{args.mode}` kernels; {args.iterations} training iterations per block; "
@@ -229,51 +231,36 @@ def table(rows: list[Row], results: dict, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="W4A8 only, 30 iterations per block, 256 samples, 25 steps")
-    p.add_argument("--out", default=None, help="results folder (default runs/benchmark or runs/benchmark-quick)")
-    p.add_argument("--model", default="bench/teacher")
-    p.add_argument("--trajectories", default="runs/trajectories")
-    p.add_argument("--classifier", default="bench/classifier")
-    p.add_argument("--configs", type=Path, default=REPO / "configs", help="folder of the recipe configs")
-    p.add_argument("--bits", nargs="+", choices=BITS, default=None)
-    p.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
-    p.add_argument("--iterations", type=int, default=None, help="training iterations per block (default 200; quick 30)")
-    p.add_argument("--num-samples", type=int, default=None, help="samples per row (default 500; quick 256)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 50; quick 25)")
-    p.add_argument("--fidelity-samples", type=int, default=16)
-    p.add_argument("--nc-samples", type=int, default=64, help="FP trajectories for PTQD's statistics")
-    p.add_argument("--mode", choices=("integer", "simulated"), default="integer")
-    p.add_argument("--no-extra-rows", action="store_true", help="skip the DDPM and mixed-precision rows")
-    p.add_argument("--update", default=None, help="also write the table into this Markdown file's marked section")
-    args = p.parse_args(argv)
-    quick = args.quick
-    args.bits = args.bits or (["W4A8"] if quick else list(BITS))
-    args.iterations = args.iterations or (30 if quick else 200)
-    args.num_samples = args.num_samples or (256 if quick else 500)
-    args.steps = args.steps or (25 if quick else 50)
-    out = Path(args.out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
+def benchmark(cfg: BenchmarkConfig) -> dict:
+    """Run (or resume) the table; returns {"settings", "rows", "table"} and writes OUT/results.json and
+    OUT/benchmark.md."""
+    quick = cfg.quick
+    args = dataclasses.replace(cfg, bits=cfg.bits or (["W4A8"] if quick else list(BITS)),
+                               iterations=cfg.iterations or (30 if quick else 200),
+                               num_samples=cfg.num_samples or (256 if quick else 500),
+                               steps=cfg.steps or (25 if quick else 50))
+    args.configs = Path(cfg.configs) if cfg.configs else CONFIG_DIR
+    out = Path(cfg.out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
+    if args.update and not Path(args.update).is_file():
+        raise ConfigError(f"config key 'update': file not found: {args.update}")
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("update", "out")}
 
     results_file = out / "results.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if saved.get("settings", settings) != settings:
-        print(f"qdistill: error: {results_file} was made with other settings ({saved['settings']}); "
-              "use another --out", file=sys.stderr)
-        return 2
+        raise QdistillError(f"{results_file} was made with other settings ({saved['settings']}); use another out=")
     results = saved.get("rows", {})
     if not (Path(args.trajectories) / "manifest.json").is_file():
-        run([sys.executable, "scripts/calibrate.py", "--config", str(args.configs / "calibrate.yaml"),
+        run([*QDISTILL, "calibrate", "--config", str(args.configs / "calibrate.yaml"),
              f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
-    rows = rows_for(args.bits, args.recipes, not args.no_extra_rows)
+    rows = rows_for(args.bits, args.recipes, args.extra_rows)
     t_start = time.time()
     for i, row in enumerate(rows):
         if row.name in results or row.recipe == "fp":
             continue
-        print(f"[benchmark] row {i + 1}/{len(rows)}: {row.name} ({time.time() - t_start:.0f}s so far)", flush=True)
-        results[row.name] = {"row": asdict(row), **evaluate(row, args, out)}
+        logger.info(f"row {i + 1}/{len(rows)}: {row.name} ({time.time() - t_start:.0f}s so far)")
+        results[row.name] = {"row": asdict(row), **evaluate_row(row, args, out)}
         saved = {"settings": settings, "rows": results}
         atomic_write_text(results_file, json.dumps(saved, indent=2))  # after every row: a rerun resumes here
     text = table(rows, results, args)
@@ -281,13 +268,9 @@ def main(argv=None) -> int:
     if args.update:
         doc = Path(args.update).read_text()
         if MARK_BEGIN not in doc or MARK_END not in doc:
-            print(f"qdistill: error: {args.update} has no {MARK_BEGIN} … {MARK_END} section", file=sys.stderr)
-            return 2
+            raise ConfigError(f"config key 'update': {args.update} has no {MARK_BEGIN} … {MARK_END} section")
         head, rest = doc.split(MARK_BEGIN, 1)
         Path(args.update).write_text(head + MARK_BEGIN + "\n" + text + MARK_END + rest.split(MARK_END, 1)[1])
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for line in text.splitlines():
+        logger.info(line)
+    return {"settings": settings, "rows": results, "table": text}

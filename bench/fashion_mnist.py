@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DatasetMissingError  # noqa: F401 (raised here; defined with the other user-facing errors)
+
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
-
-class DatasetMissingError(FileNotFoundError):
-    pass
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:

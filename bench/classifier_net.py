@@ -9,6 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import QdistillError
+from ..files import shipped
+
 WEIGHTS, CONFIG, TEST_STATS = "model.safetensors", "config.json", "test_feature_stats.safetensors"
 
 
@@ -46,13 +49,13 @@ class BenchClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "BenchClassifier":
-        path = Path(path)
+        path = shipped(path)
         if not (path / WEIGHTS).is_file():
-            raise FileNotFoundError(f"bench classifier not found: {path / WEIGHTS}")
+            raise QdistillError(f"bench classifier not found: {path / WEIGHTS}")
         model = cls(**json.loads((path / CONFIG).read_text()))
         model.load_state_dict(load_file(str(path / WEIGHTS)))
         return model.eval()
 
 
 def load_test_stats(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(path) / TEST_STATS))
+    return load_file(str(shipped(path) / TEST_STATS))

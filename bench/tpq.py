@@ -1,6 +1,6 @@
 """Benchmark the Temporal Parallel Quantizer's mixed-timestep batches against training one timestep at a time.
 
-    python scripts/bench_tpq.py [--block mid_block.resnets.0] [--updates 200] [--out runs/bench-tpq.json]
+    python -m qdistill.bench.tpq [--block mid_block.resnets.0] [--updates 200] [--out runs/bench-tpq.json]
 
 One block of the bench teacher (W4A4 DilateQuant student, inputs from the quantized chain, captured for all
 calibration rows of runs/trajectories). Both variants start from the same initialised block and give every
@@ -26,10 +26,11 @@ from qdistill.configs.schema import TrainConfig
 from qdistill.data.calibration_set import load_shard_list, read_manifest
 from qdistill.data.model_folder import load_unet
 from qdistill.quantizers import set_timesteps
-from qdistill.trainer.distill import BlockDistiller, parameter_groups, per_sample_mse
+from qdistill.trainer.distill import BlockDistiller
+from qdistill.trainer.phases import parameter_groups, per_sample_mse
 from qdistill.trainer.student import build_student
 
-REPO = Path(__file__).resolve().parents[1]
+from qdistill.configs import CONFIG_DIR
 
 
 def block_loss(block, batch) -> torch.Tensor:
@@ -57,7 +58,7 @@ def train(block, cache, batches, cfg) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "dilatequant.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "dilatequant.yaml"))
     parser.add_argument("--trajectories", default="runs/trajectories")
     parser.add_argument("--block", default="mid_block.resnets.0")
     parser.add_argument("--updates", type=int, default=200, help="updates per timestep row")

@@ -11,7 +11,7 @@
     OUT/quant_config.json      format version, qdistill version, recipe, bits and granularity, every quantized
                                layer (shape, bits, groups, TPQ rows) and every FP layer, source model and hash,
                                sha256 and size of model.safetensors, the size report
-    OUT/config.json            the base model's diffusers config
+    OUT/config.json            the base model's diffusers config, marked as a qdistill export (export/formats.py)
     OUT/scheduler_config.json  the source model's scheduler, when it has one (eval samples with it)
     OUT/noise_correction.safetensors  optional: PTQD's per-step statistics (`timesteps`, `k`, `bias`, `sigma`;
                                quantizers/noise_correction.py), recorded with its sha256 in quant_config.json
@@ -22,7 +22,6 @@ the model that was exported) or `integer` (int8 kernels, quantizers/integer_laye
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -39,24 +38,14 @@ from ..quantizers.noise_correction import NoiseCorrection
 from ..quantizers.packing import pack_codes, unpack_codes
 from ..quantizers.step_weights import StepWeights
 from ..quantizers.uniform import UniformQuantizer
-from ..trainer.checkpoint import atomic_dir
+from ..errors import ExportError
+from ..files import atomic_dir, sha256_file
+from .formats import EXPORT as FORMAT, EXPORT_VERSION as FORMAT_VERSION, build_model, save_model_config
 
-# Format 2 adds second weight copies (step weights); exports without them are still written as format 1.
-EXPORT_FILE, META_FILE, FORMAT, FORMAT_VERSION = "model.safetensors", "quant_config.json", "qdistill-export", 2
+EXPORT_FILE, META_FILE = "model.safetensors", "quant_config.json"
 NOISE_CORRECTION_FILE = "noise_correction.safetensors"
 MODES = ("simulated", "integer")
 
-
-class ExportError(ValueError):
-    """An export folder is missing, tampered with, truncated or does not fit its config; names the file."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(q: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +102,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
                  noise_correction: NoiseCorrection | None = None, extra: dict | None = None) -> dict:
     """Write `model` (prepared by quantize_, calibrated or trained) to `out_dir` atomically; returns the
     size report (bytes). `noise_correction`: PTQD statistics to store beside the model."""
-    import qdistill
+    from .. import __version__
 
     config: QuantConfig | None = getattr(model, "qdistill_config", None)
     if config is None:
@@ -148,7 +137,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
     tensors.update({k: v.contiguous() for k, v in state.items()})
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION if any("step_weights" in v for v in layers.values()) else 1,
-        "qdistill_version": qdistill.__version__,
+        "qdistill_version": __version__,
         "model_class": type(model).__name__, "recipe": recipe, "source_model": source_model,
         "source_model_hash": source_model_hash, "quant_config": config.to_dict(),
         "granularity": {"weights": "per output channel", "activations": "per tensor, one row per calibrated "
@@ -157,7 +146,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_config(tmp)
+        save_model_config(model, tmp, FORMAT, meta["format_version"])
         save_file(tensors, str(tmp / EXPORT_FILE), metadata={"format": FORMAT})
         if scheduler_config is not None:
             (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
@@ -167,10 +156,10 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
         for per_bits in size["by_bits"].values():
             per_bits["ratio"] = per_bits["packed_bytes"] / per_bits["fp32_bytes"]
         meta["size"] = size
-        meta["files"] = {EXPORT_FILE: {"sha256": _sha256(tmp / EXPORT_FILE), "bytes": size["file_bytes"]}}
+        meta["files"] = {EXPORT_FILE: {"sha256": sha256_file(tmp / EXPORT_FILE), "bytes": size["file_bytes"]}}
         if noise_correction is not None:
             save_file(noise_correction.to_state_dict(), str(tmp / NOISE_CORRECTION_FILE), metadata={"format": FORMAT})
-            meta["files"][NOISE_CORRECTION_FILE] = {"sha256": _sha256(tmp / NOISE_CORRECTION_FILE),
+            meta["files"][NOISE_CORRECTION_FILE] = {"sha256": sha256_file(tmp / NOISE_CORRECTION_FILE),
                                                     "bytes": (tmp / NOISE_CORRECTION_FILE).stat().st_size}
             meta["noise_correction"] = {"method": "ptqd", "file": NOISE_CORRECTION_FILE,
                                         "steps": int(noise_correction.timesteps.numel()),
@@ -204,7 +193,7 @@ def _load_checked(path: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
     if file.stat().st_size != recorded.get("bytes"):
         raise ExportError(f"{file} is truncated or was replaced: {file.stat().st_size} bytes, "
                           f"{META_FILE} records {recorded.get('bytes')}")
-    if _sha256(file) != recorded.get("sha256"):
+    if sha256_file(file) != recorded.get("sha256"):
         raise ExportError(f"{file} was modified after export: its sha256 differs from the one in {META_FILE}")
     try:
         return load_file(str(file))
@@ -234,7 +223,7 @@ def load_exported(path: str | Path, mode: str = "simulated"):
     The returned model's `qdistill_export` holds the export's metadata (and in integer mode, which layers
     run integer kernels)."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
     path = Path(path)
     meta = read_export_meta(path)
     file = path / EXPORT_FILE
@@ -242,7 +231,7 @@ def load_exported(path: str | Path, mode: str = "simulated"):
     try:
         cls = getattr(diffusers, meta["model_class"])
         config = QuantConfig(**meta["quant_config"])
-        model = cls.from_config(cls.load_config(path))
+        model = build_model(cls, path)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ExportError(f"{path / META_FILE} or config.json does not describe a model: {e}") from None
     quantize_(model, config)

@@ -1,7 +1,7 @@
 """UNet forward latency and sampling wall time on the bench model: FP32 vs `simulated` vs `integer` exports,
 and bytes on disk of FP32, W8 and W4 exports.
 
-    python scripts/bench_latency.py --threads 2 --out runs/bench_latency.json
+    python -m qdistill.bench.latency --threads 2 --out runs/bench_latency.json
 
 The exports are built here from the bench teacher (RTN ranges calibrated on 8 DDIM trajectories: latency
 does not depend on the quality of the ranges). Each timing is the median of `--repeats` rounds; within a
@@ -26,7 +26,7 @@ from qdistill.evaluation.sampling import sample_batch
 from qdistill.export import EXPORT_FILE, export_model, load_exported
 from qdistill.quantizers import QuantConfig, calibrate_, quantize_
 from qdistill.quantizers.integer_layers import IntegerLayer
-from qdistill.trainer.checkpoint import atomic_write_text
+from qdistill.files import atomic_write_text
 
 
 def timed(fn, warmup: int = 2, iters: int = 5) -> float:

@@ -1,0 +1,155 @@
+"""export: a quantized run (`qdistill train` or `qdistill quantize`) as a PTQ-ready folder with packed integer
+weights, and its size.
+
+    qdistill export run=runs/dilatequant-w4a4 [out=runs/dilatequant-w4a4/export]
+    qdistill export --config ptqd [key=value ...]                        # PTQD on a qdiffusion run
+    qdistill export --config dilatequant+ptqd mixed_precision.enabled=true
+
+The config is `ExportConfig` (configs/schema.py; `--run` and `--out` are shorthands for `run=` and `out=`). RUN/quantized (the run's quantized model) is read; OUT is
+written atomically (see export/folder.py for its layout). Load it back with
+`qdistill.export.load_exported(OUT, mode="simulated" | "integer")`.
+
+noise_correction=true (PTQD, DESIGN.md §3.7): records FP trajectories of the run's source model (`measure.*`,
+every step kept), runs the quantized model (simulated) on their inputs, and stores the per-step statistics
+(slope k, per-channel bias b, residual std σ_q) in the export; `qdistill eval` samples with them.
+
+mixed_precision.enabled=true (PTQD's step-aware mixed precision): on the same FP trajectories, a high-precision
+copy of the model is made (its low-bit activation quantizers at `mixed_precision.act_bits`, calibrated per
+timestep; with `mixed_precision.weight_bits`, also its low-bit weights, quantized afresh from the FP model) and
+each sampler step gets the model as trained or the high-precision copy (low where the low-precision residual
+noise stays below the sampler's own noise; more steps low while the bit-operations exceed
+`mixed_precision.bops_budget`, relative to FP). The schedule lives in the exported TPQ rows and second weight
+copies (quantizers/mixed_precision.py) and is recorded with its bit-operations in quant_config.json.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..configs import to_dict
+from ..configs.schema import ExportConfig
+from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..data.trajectories import record_trajectories, seed_batches
+from ..errors import CheckpointError, ConfigError, ExportError, ModelFolderError
+from ..export import export_model, load_quantized
+from ..export.quantized import META_FILE, read_quantized_meta
+from ..quantizers import NoiseCorrection, bits_tag, measure_noise_correction
+from ..quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits, with_weight_bits
+
+logger = logging.getLogger(__name__)
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Export `cfg.run` to `cfg.out` (default RUN/export); returns the size report (bytes)."""
+    if not cfg.run:
+        raise ConfigError("config key 'run' is required: the run folder to export (--run RUN or run=RUN)")
+    run = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out else run / "export"
+    qdir = run / "quantized" if (run / "quantized" / META_FILE).is_file() else run
+    if not (qdir / META_FILE).is_file():
+        raise CheckpointError(f"{run} holds no quantized model ({run / 'quantized' / META_FILE} not found)")
+    meta = read_quantized_meta(qdir)
+    model = load_quantized(qdir)
+    scheduler_config = None
+    if meta.get("source_model"):
+        try:
+            scheduler = load_scheduler(meta["source_model"])  # a bare model folder gets a default DDPM one
+            scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}
+        except ModelFolderError as e:
+            logger.warning(f"no scheduler copied ({e})")
+    trained = meta.get("recipe", "unknown")
+    recipe = cfg.recipe or (f"{trained}+ptqd" if cfg.noise_correction else trained)
+    extra = {"run": str(run), "trained_recipe": trained, "export_config": to_dict(cfg)}
+    correction = None
+    if cfg.noise_correction or cfg.mixed_precision.enabled:
+        fp, records, scheduler = fp_trajectories(model, meta, cfg)
+        measured_on = {"source_model": meta["source_model"], **to_dict(cfg.measure),
+                       "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated"}
+        if cfg.mixed_precision.enabled:
+            plan = mix_precision(model, fp, meta, records, scheduler, cfg)
+            extra["step_bits"] = {**plan.to_dict(), "measured_on": measured_on, "budget": cfg.mixed_precision.bops_budget}
+        if cfg.noise_correction:  # measured on the model as exported, mixed precision included
+            correction = measure_run_noise(model, records)
+            extra["noise_correction_measured_on"] = measured_on
+    size = export_model(model, out, recipe=recipe,
+                        source_model=meta.get("source_model"), source_model_hash=meta.get("source_model_hash"),
+                        scheduler_config=scheduler_config, noise_correction=correction, extra=extra)
+    qc = meta["quant_config"]
+    logger.info(f"{recipe} {bits_tag(qc['weight_bits'], qc['act_bits'])} → {out}")
+    logger.info(f"quantized layers: {size['quantized_layers_packed_bytes'] / 1024:.1f} KiB packed vs "
+                f"{size['quantized_layers_fp32_bytes'] / 1024:.1f} KiB FP32 ({size['quantized_layers_ratio']:.3f}×); "
+                f"file {size['file_bytes'] / 1024:.1f} KiB vs FP32 model {size['fp32_model_bytes'] / 1024:.1f} KiB")
+    if "step_weights_packed_bytes" in size:
+        logger.info(f"second weight copies (step-aware mixed precision): "
+                    f"{size['step_weights_packed_bytes'] / 1024:.1f} KiB packed")
+    return {**size, "path": str(out), "recipe": recipe}
+
+
+def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list, object]:
+    """The run's source (FP) model, its sampler trajectories (every step kept) and that sampler's scheduler."""
+    if getattr(model.config, "cross_attention_dim", None):
+        raise ExportError("noise_correction and mixed_precision support unconditional models only (the "
+                          "trajectories hold no text conditioning)")
+    if not meta.get("source_model"):
+        raise ExportError("the run's quantized model records no source model; PTQD's measurements need the FP model")
+    recorded_hash = meta.get("source_model_hash")
+    if recorded_hash and model_hash(meta["source_model"]) != recorded_hash:
+        raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
+                          "one the run recorded): its trajectories would not measure this quantized model")
+    m = cfg.measure
+    fp = load_unet(meta["source_model"]).eval()
+    scheduler = load_scheduler(meta["source_model"], m.scheduler)
+    seeds = list(range(m.seed, m.seed + m.samples))
+    logger.info(f"PTQD: {m.samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "
+                f"eta={m.eta}, all steps measured")
+    records = [record for chunk in seed_batches(seeds, m.batch_size)
+               for record in record_trajectories(fp, scheduler, chunk, m.steps, m.batch_size, m.eta,
+                                                 keep_steps=None)[1]]
+    return fp, records, scheduler
+
+
+def mix_precision(model, fp, meta: dict, records: list, scheduler, cfg: ExportConfig) -> StepBits:
+    """Step-aware mixed precision between the model as trained and a high-precision copy, applied to `model`
+    in place."""
+    mp, qc = cfg.mixed_precision, meta["quant_config"]
+    high = model
+    if mp.weight_bits is not None and mp.weight_bits != qc["weight_bits"]:
+        if mp.weight_bits < qc["weight_bits"]:
+            raise ExportError(f"mixed_precision.weight_bits ({mp.weight_bits}) must exceed the model's weight bits "
+                              f"({qc['weight_bits']})")
+        high = with_weight_bits(high, qc["weight_bits"], mp.weight_bits, fp if mp.weight_source == "fp" else None)
+    if mp.act_bits != qc["act_bits"]:
+        if mp.act_bits < qc["act_bits"]:
+            raise ExportError(f"mixed_precision.act_bits ({mp.act_bits}) must exceed the model's activation bits "
+                              f"({qc['act_bits']})")
+        high = with_act_bits(high, qc["act_bits"], mp.act_bits,
+                             ({"sample": r.sample, "timestep": r.timestep} for r in records))
+    if high is model:
+        raise ExportError(f"mixed_precision: the model is already {bits_tag(qc['weight_bits'], qc['act_bits'])}; nothing to "
+                          f"switch (mixed_precision.act_bits={mp.act_bits}, weight_bits={mp.weight_bits})")
+    try:  # e.g. a budget below the cost of the all-low schedule
+        plan = plan_step_bits(model, high, scheduler, cfg.measure.steps, records, mp.bops_budget, cfg.measure.eta)
+    except ValueError as e:
+        raise ExportError(f"mixed_precision: {e}") from None
+    low_name = bits_tag(qc["weight_bits"], qc["act_bits"])
+    high_name = bits_tag(max(plan.weight_bits), max(plan.act_bits))
+    logger.info(f"step-aware mixed precision ({low_name}/{high_name}): {sum(plan.high)} of {len(plan.high)} steps at "
+                f"{high_name}, bit-operations {plan.relative_bops:.4f} of FP" +
+                (f" (budget {mp.bops_budget})" if mp.bops_budget is not None else ""))
+    logger.info(f"{'t':>6} {'bits':>6} {'noise ratio':>12}")
+    for t, w, a, r in zip(plan.timesteps, plan.weight_bits, plan.act_bits, plan.noise_ratio):
+        logger.info(f"{t:6.0f} {bits_tag(w, a):>6} {r:12.3f}")
+    return plan
+
+
+def measure_run_noise(model, records: list) -> NoiseCorrection:
+    """PTQD statistics of the quantized (simulated) `model` on the FP trajectories' inputs."""
+    try:  # e.g. a quantized prediction anti-correlated with the FP one (slope <= -1)
+        correction = measure_noise_correction(model, records)
+    except ValueError as e:
+        raise ExportError(f"noise_correction: {e}") from None
+    logger.info(f"{'t':>6} {'k':>9} {'mean|b|':>9} {'sigma_q':>9}")
+    for i in reversed(range(correction.timesteps.numel())):  # sampler order
+        logger.info(f"{correction.timesteps[i].item():6.0f} {correction.k[i].item():9.4f} "
+                    f"{correction.bias[i].abs().mean().item():9.2e} {correction.sigma[i].item():9.2e}")
+    return correction

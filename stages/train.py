@@ -1,0 +1,128 @@
+"""train: quantize a diffusers model block by block on DeepSpeed, by the config's `recipe`: DilateQuant (Weight
+Dilation, TPQ, block-wise distillation) or Q-Diffusion (AdaRound, then activation step sizes).
+
+1. load the FP model and this rank's calibration shards (recorded by `qdistill calibrate`);
+2. quantize_ a copy (per `quant.*`: Weight Dilation, temporal parallel quantizers or one scale for all
+   timesteps) and initialise every activation table from calibration rows (MSE search, the same on every rank);
+3. train block by block through the recipe's phases (trainer/distill.py, trainer/recipes.py), checkpointing to
+   OUT/checkpoint; an existing checkpoint in OUT is resumed (overwrite=true starts over);
+4. save the quantized model to OUT/quantized; sample FP | quantized on fixed seeds (grid, PSNR, metrics.json,
+   TensorBoard in OUT/tb).
+
+Launched as one process, by `torchrun --nproc_per_node=N -m qdistill train ...`, or by the deepspeed launcher
+(`deepspeed --num_gpus N --module qdistill train ...`); trainer/launch.py sets up the process group.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..configs import to_dict
+from ..configs.schema import TrainConfig
+from ..data.calibration_set import load_shard_list, read_manifest
+from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..evaluation.fidelity import compare_to_fp, save_grid
+from ..export import save_quantized
+from ..files import atomic_write_text
+from ..trainer.distill import BlockDistiller
+from ..trainer.launch import init_distributed, load_deepspeed_config
+from ..trainer.recipes import recipe_phases
+from ..trainer.run_state import CHECKPOINT
+from ..trainer.student import build_student
+
+logger = logging.getLogger(__name__)
+
+
+def train(cfg: TrainConfig) -> dict | None:
+    """Train `cfg.out`; returns the metrics written to OUT/metrics.json on rank 0 (None on the others)."""
+    ds_config = load_deepspeed_config(cfg.deepspeed)
+    phases = recipe_phases(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world_size, device = init_distributed()
+    try:
+        return _train(cfg, ds_config, phases, rank, world_size, device)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int, device) -> dict | None:
+    out = Path(cfg.out)
+    log = logger.info if rank == 0 else (lambda msg: None)
+    # 1. the FP model and the calibration shards
+    fp = load_unet(cfg.model).eval().to(device)
+    source_hash = model_hash(cfg.model)
+    manifest = read_manifest(cfg.trajectories)
+    shards = load_shard_list(cfg.trajectories, rank, world_size, source_hash)
+    shard_ids = list(range(rank, len(manifest["shards"]), world_size))
+    all_shards = shards if world_size == 1 else load_shard_list(cfg.trajectories, 0, 1, source_hash)
+    log(f"{type(fp).__name__} from {cfg.model}; {manifest['num_rows']} calibration rows in "
+        f"{len(manifest['shards'])} shards; {world_size} rank(s) on {device}; {cfg.quant.tag} {cfg.recipe}")
+    if cfg.overwrite and rank == 0:
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+    if world_size > 1:
+        torch.distributed.barrier()
+    resuming = (out / CHECKPOINT).exists()
+
+    # 2. quantize; TPQ rows per timestep (skipped when resuming: the checkpoint holds the tables)
+    t0 = time.time()
+    student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming)
+    if not resuming:
+        scales = "per-timestep activation scales" if cfg.quant.per_timestep else "one activation scale"
+        log(f"quantized ({'weight dilation, ' if cfg.quant.weight_dilation else ''}{scales} from "
+            f"{cfg.distill.init_rows} rows) in {time.time() - t0:.1f}s; {len(blocks_q)} blocks, "
+            f"phases {', '.join(ph.name for ph in phases)}")
+
+    # 3. block-wise training, phase by phase
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, shard_ids, len(manifest["shards"]),
+                               cfg.distill, ds_config, out, rank, world_size, writer,
+                               run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
+                                           "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),
+                                           "model": cfg.model, "trajectories": cfg.trajectories},
+                               phases=phases)
+    t0 = time.time()
+    summaries = distiller.run()
+    train_seconds = time.time() - t0
+
+    # 4. the result, and how close it is to FP
+    peak_rss_mb = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=device)
+    torch.distributed.all_reduce(peak_rss_mb, op=torch.distributed.ReduceOp.MAX)
+    metrics = None
+    if rank == 0:
+        save_quantized(student, out / "quantized", recipe=cfg.recipe, source_model=str(cfg.model),
+                       source_model_hash=source_hash, run_config=to_dict(cfg))
+        metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "world_size": world_size, "deepspeed": cfg.deepspeed,
+                   "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
+                   "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "blocks": summaries}
+        if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
+            log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see `qdistill eval`)")
+        else:
+            s = cfg.sampling
+            scheduler = load_scheduler(cfg.model, s.scheduler)
+            fp_final, q_final, fidelity = compare_to_fp(fp, student, scheduler, range(s.seed, s.seed + s.num_samples),
+                                                        s.num_steps, s.batch_size, s.eta)
+            metrics.update(fidelity, sampler=f"{s.scheduler} {s.num_steps} steps eta={s.eta}")
+            grid = save_grid([fp_final, q_final], out / "samples.png")
+            import numpy as np
+            from PIL import Image
+
+            writer.add_image("samples/fp_vs_quantized", np.asarray(Image.open(grid).convert("RGB")), dataformats="HWC")
+            writer.add_scalar("eval/psnr_db", fidelity["psnr_db"])
+            log(f"vs FP on {s.num_samples} seeds ({metrics['sampler']}): PSNR {fidelity['psnr_db']:.2f} dB, "
+                f"noise-prediction MSE {fidelity['noise_pred_mse_mean']:.3e}; grid {grid} (FP | quantized)")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        writer.close()
+        log(f"{len(summaries)} blocks in {train_seconds:.1f}s; quantized model in {out / 'quantized'}")
+    torch.distributed.barrier()
+    return metrics

@@ -1,0 +1,133 @@
+"""The run's checkpoint: where block-wise training stands, and the state needed to continue from there.
+
+    OUT/checkpoint/progress.json        block, phase and iteration reached; blocks, summaries, run config
+    OUT/checkpoint/student.safetensors  the student's full state (inside a phase: what the phase added, e.g. α)
+    OUT/checkpoint/engine/              the live DeepSpeed engine (optimizer partitions), inside a block only
+    OUT/checkpoint/rng-rankR.pt         each rank's torch RNG state
+
+Written after every block and every `checkpoint_every` iterations: all ranks write into OUT/.checkpoint.tmp,
+then rank 0 swaps it into place (files.replace_dir), so a crash mid-write keeps the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from ..files import recover_dir, replace_dir
+
+CHECKPOINT = "checkpoint"
+STUDENT = "student.safetensors"
+PROGRESS = "progress.json"
+ENGINE = "engine"
+
+
+@dataclass
+class DistillState:
+    block_index: int = 0  # the block being trained (== number of finished blocks)
+    iteration: int = 0  # iterations finished inside its current phase
+    phase: int = 0  # index of that phase in the recipe's phases
+
+
+class RunCheckpoint:
+    """OUT/checkpoint for one rank of `world_size`."""
+
+    def __init__(self, out: str | Path, rank: int = 0, world_size: int = 1):
+        self.out, self.rank, self.world_size = Path(out), rank, world_size
+        self.path = self.out / CHECKPOINT
+
+    def _barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def save(self, student, progress: dict, engine=None) -> None:
+        """Every rank calls this: rank 0 writes the student and `progress`, every rank its RNG state and its
+        part of the live `engine` (when given)."""
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / ENGINE), tag="live")
+        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
+        if self.rank == 0:
+            state_dict = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+            save_file(state_dict, str(tmp / STUDENT))
+            (tmp / PROGRESS).write_text(json.dumps({**progress, "world_size": self.world_size}, indent=2))
+        self._barrier()
+        if self.rank == 0:
+            replace_dir(tmp, self.path)
+        self._barrier()
+
+    def read_progress(self) -> dict | None:
+        """progress.json of the checkpoint, or None when the run has none (a crash between the swap's two
+        renames is undone first)."""
+        if self.rank == 0:
+            recover_dir(self.path)
+        self._barrier()
+        if not self.path.exists():
+            return None
+        try:
+            progress = json.loads((self.path / PROGRESS).read_text())
+            progress["state"] = DistillState(int(progress["block_index"]), int(progress["iteration"]),
+                                             int(progress.get("phase", 0)))  # checkpoints before phases: 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint file {self.path / PROGRESS} is missing or corrupted: {e}") from None
+        return progress
+
+    def check(self, progress: dict, blocks: list[str], phases: list[str], run_config: dict) -> None:
+        """Refuse a checkpoint that another model, recipe, bit-width or rank count wrote."""
+        state: DistillState = progress["state"]
+        if progress.get("blocks") != blocks:
+            raise CheckpointError(f"{self.path / PROGRESS} was written for other blocks (another model?); "
+                                  "start a new run folder or pass overwrite=true")
+        saved = progress.get("run_config") or {}
+        for key in ("recipe", "quant"):  # resuming under other bits or another recipe would mix two runs
+            if key in saved and key in run_config and saved[key] != run_config[key]:
+                there, here = saved[key], run_config[key]
+                diff = [f"{key}.{k}: {there.get(k)} there, {here.get(k)} here" for k in sorted({*there, *here})
+                        if there.get(k) != here.get(k)] if isinstance(there, dict) and isinstance(here, dict) \
+                    else [f"{key}: {there} there, {here} here"]
+                raise CheckpointError(f"{self.path} was written by another run ({'; '.join(diff)}); start a new run "
+                                      "folder or pass overwrite=true")
+        if state.phase >= len(phases) or progress.get("phase_name", phases[0]) != phases[state.phase]:
+            raise CheckpointError(f"{self.path / PROGRESS} stopped in phase {progress.get('phase_name')!r}, which "
+                                  f"this recipe does not have at that place ({phases}); start a new run folder")
+        if state.iteration and progress.get("world_size") != self.world_size:
+            raise CheckpointError(f"{self.path} was written mid-block by {progress.get('world_size')} rank(s); resume "
+                                  f"it with that many (ZeRO optimizer partitions are per rank), not {self.world_size}")
+
+    def load_student(self, student) -> None:
+        try:
+            tensors = load_file(str(self.path / STUDENT))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {self.path / STUDENT} is corrupted or truncated: {e}") from None
+        try:
+            student.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path / STUDENT} does not fit this model: {str(e).splitlines()[0]}") from None
+
+    def load_rng(self) -> None:
+        rng = self.path / f"rng-rank{self.rank}.pt"
+        if rng.exists():
+            try:
+                torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+            except Exception as e:  # torch raises several types for damaged pickles
+                raise CheckpointError(f"checkpoint file {rng} is corrupted: {e}") from None
+
+    def load_engine(self, engine) -> None:
+        path = self.path / ENGINE
+        try:
+            loaded, _ = engine.load_checkpoint(str(path), tag="live")
+        except Exception as e:  # DeepSpeed surfaces unpickling / shape errors of many kinds
+            raise CheckpointError(f"engine checkpoint under {path} cannot be loaded: {type(e).__name__}: {e}") from None
+        if loaded is None:
+            raise CheckpointError(f"engine checkpoint under {path} is missing")
