@@ -48,6 +48,7 @@ class QuantizeRunConfig:
 
     model: str = "bench/teacher"
     out: str = "runs/quantized"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
     recipe: Literal["rtn"] = "rtn"
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -60,6 +61,7 @@ class TrajectoryConfig:
 
     model: str = "bench/teacher"
     out: str = "runs/trajectories"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
     scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
     num_steps: int = 50
     eta: float = 0.0
@@ -152,6 +154,9 @@ class TrainConfig:
     deepspeed: str = "zero2.json"  # a DeepSpeed JSON: a path, or a file name in qdistill's configs folder
     overwrite: bool = False  # start over even if `out` holds a checkpoint (default: resume from it)
     threads: int | None = None  # torch threads per rank (torchrun sets 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (rank r: GPU r % count)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forwards under autocast; weights, quantizers, loss, Adam fp32
+    timeout_minutes: float = 60.0  # collective timeout (rank 0 writes checkpoints while the others wait)
     quant: QuantConfig = field(default_factory=QuantConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     qdiffusion: QDiffusionConfig = field(default_factory=QDiffusionConfig)
@@ -207,6 +212,7 @@ class ExportConfig:
 
     run: str = ""  # a run folder (holding quantized/) or a quantized folder
     out: str = ""  # default: RUN/export
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
     recipe: str | None = None  # the name recorded in the export; default the run's (+ "+ptqd" with noise correction)
     noise_correction: bool = False  # measure and store PTQD's per-step statistics (`qdistill eval` samples with them)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -222,6 +228,7 @@ class EvalConfig:
     reference: str | None = None  # the FP model folder: fidelity metrics (PSNR, SSIM, noise MSE) and ΔFD
     out: str = ""  # folder for metrics.json, samples.png and tb/; default MODEL/eval
     mode: Literal["integer", "simulated"] = "integer"  # int8 kernels, or float kernels bit-exact with training
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer mode: int8 CPU kernels)
     scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
     steps: int = 50
     eta: float = 0.0

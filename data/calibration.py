@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import resolve_device
 from ..errors import CalibrationSetError
 from ..progress import progress
 from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
@@ -41,7 +42,7 @@ def _load_text_pipeline(path: str):
     return pipe
 
 
-def conditioning_source(cfg, unet):
+def conditioning_source(cfg, unet, device=None):
     """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind."""
     if getattr(unet.config, "num_class_embeds", None):
         n = unet.config.num_class_embeds
@@ -53,12 +54,15 @@ def conditioning_source(cfg, unet):
                                "(text, JSONL or a saved datasets folder)")
     prompts = load_prompts(cfg.prompts)
     pipe = _load_text_pipeline(cfg.model)
+    pipe.text_encoder.to(device)
     guided = cfg.guidance_scale != 1.0
 
     def cond_for(seeds):
         texts = [prompts[(s - cfg.seed) % len(prompts)] for s in seeds]
         with torch.no_grad():
-            emb, neg = pipe.encode_prompt(texts, "cpu", 1, guided, [cfg.negative_prompt] * len(texts) if guided else None)
+            emb, neg = pipe.encode_prompt(prompt=texts, device=device or torch.device("cpu"), num_images_per_prompt=1,
+                                          do_classifier_free_guidance=guided,
+                                          negative_prompt=[cfg.negative_prompt] * len(texts) if guided else None)
         return Conditioning(encoder_hidden_states=emb, negative_encoder_hidden_states=neg if guided else None,
                             guidance_scale=cfg.guidance_scale)
 
@@ -85,9 +89,12 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
             shutil.rmtree(out / SHARDS, ignore_errors=True)
         barrier()
     resolve(cfg.model)
-    unet = load_unet(cfg.model).eval()
+    device = resolve_device(cfg.device)
+    unet = load_unet(cfg.model).eval().to(device)
+    if rank == 0:
+        logger.info(f"recording on {device}")
     scheduler = load_scheduler(cfg.model, cfg.scheduler)
-    cond_for, conditioning = conditioning_source(cfg, unet)
+    cond_for, conditioning = conditioning_source(cfg, unet, device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
     batches = seed_batches(seeds, cfg.batch_size)
     mine = [i for i in range(len(batches)) if i % world_size == rank]

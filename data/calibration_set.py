@@ -65,15 +65,16 @@ def rows_from_records(records: list[StepRecord], keep: dict[int, set[int]] | Non
             rows["sample_id"].append(seed)
             rows["step"].append(r.step)
             rows["timestep"].append(float(r.timestep[j]))
-            rows["x_t"].append(r.sample[j].numpy())
-            rows["noise_pred"].append(r.noise_pred[j].numpy())
+            rows["x_t"].append(r.sample[j].float().cpu().numpy())
+            rows["noise_pred"].append(r.noise_pred[j].float().cpu().numpy())
             cond = cond_rows.get(seed) if cond_rows else None
             if cond is not None:
                 for key, value in (("class_label", cond.class_labels),
                                    ("encoder_hidden_states", cond.encoder_hidden_states),
                                    ("negative_encoder_hidden_states", cond.negative_encoder_hidden_states)):
                     if value is not None:
-                        rows.setdefault(key, []).append(int(value) if key == "class_label" else value.numpy())
+                        value = int(value) if key == "class_label" else value.float().cpu().numpy()
+                        rows.setdefault(key, []).append(value)
     return rows
 
 

@@ -74,9 +74,10 @@ def predict_noise(unet, model_input: torch.Tensor, t, cond: Conditioning | None 
     """The (guided) noise prediction the sampler uses."""
     if cond is None:
         return unet(model_input, t).sample
+    kwargs = {k: v.to(model_input.device) if torch.is_tensor(v) else v for k, v in cond.model_kwargs().items()}
     if not cond.guided:
-        return unet(model_input, t, **cond.model_kwargs()).sample
-    uncond, text = unet(torch.cat([model_input, model_input]), t, **cond.model_kwargs()).sample.chunk(2)
+        return unet(model_input, t, **kwargs).sample
+    uncond, text = unet(torch.cat([model_input, model_input]), t, **kwargs).sample.chunk(2)
     return uncond + cond.guidance_scale * (text - uncond)
 
 
@@ -92,7 +93,8 @@ def run_sampler(unet, scheduler, noise: torch.Tensor, num_steps: int, eta: float
         extra["eta"] = eta
     if "generator" in step_params:
         extra["generator"] = generator
-    x = noise * scheduler.init_noise_sigma
+    param = next(unet.parameters(), None)  # seeds' noise is drawn on the CPU; it runs where the model is
+    x = (noise if param is None else noise.to(param.device, param.dtype)) * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
         eps = predict_noise(unet, model_input, t, cond)
@@ -126,7 +128,8 @@ def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, b
 
         def on_step(i, t, model_input, eps):
             if keep is None or i in keep:
-                records.append(StepRecord(i, torch.full((len(chunk),), float(t)), model_input.clone(), eps.clone(),
+                records.append(StepRecord(i, torch.full((len(chunk),), float(t), device=model_input.device),
+                                          model_input.clone(), eps.clone(),
                                           list(chunk)))
 
         generator = step_generator(chunk)

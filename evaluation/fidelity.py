@@ -24,9 +24,12 @@ def noise_pred_mse(qunet, calls) -> dict[int, float]:
     """Per step, the mean MSE between the quantized model's noise prediction and the FP one on the FP
     trajectory's own inputs; `calls` yields (step, args, kwargs, FP noise prediction)."""
     per_step: dict[int, list[float]] = {}
+    device = next(qunet.parameters()).device  # the calls may have been recorded on another device
+    move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
     for step, args, kwargs, fp_pred in calls:
-        out = qunet(*args, **kwargs)
+        out = qunet(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
         pred = out[0] if isinstance(out, tuple) else out.sample
+        fp_pred = fp_pred.to(pred.device)
         per_step.setdefault(step, []).append((pred - fp_pred).pow(2).mean().item())
     return {step: float(np.mean(v)) for step, v in sorted(per_step.items())}
 

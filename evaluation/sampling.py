@@ -58,7 +58,7 @@ def sample_across_ranks(unet, scheduler, seeds: Sequence[int], num_steps: int, b
     batches = seed_batches(list(seeds), batch_size)
     mine = {}
     for i in progress(range(rank, len(batches), world), desc, disable=rank != 0):
-        mine[i] = to_uint8(sample_batch(unet, scheduler, batches[i], num_steps, eta, **pipeline_kwargs))
+        mine[i] = to_uint8(sample_batch(unet, scheduler, batches[i], num_steps, eta, **pipeline_kwargs)).cpu()
     if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, mine)

@@ -36,8 +36,11 @@ def save_model_config(model, folder: Path, fmt: str, version: int) -> None:
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build_model(cls, folder: Path):
-    """A fresh (random-weight) `cls` from the folder's config.json, the qdistill marker left out."""
+def build_model(cls, folder: Path, device=None, dtype=None):
+    """A fresh (random-weight) `cls` from the folder's config.json, the qdistill marker left out, on `device` in
+    `dtype` (None: diffusers' defaults, CPU and float32)."""
     config = dict(cls.load_config(folder))
     config.pop("quantization_config", None)
-    return cls.from_config(config)
+    model = cls.from_config(config)
+    moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return model.to(**moves) if moves else model

@@ -216,14 +216,17 @@ def load_noise_correction(path: str | Path) -> NoiseCorrection | None:
 
 
 @torch.no_grad()
-def load_exported(path: str | Path, mode: str = "simulated"):
-    """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer').
+def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=None):
+    """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer'), on `device` in
+    `dtype` (simulated mode; integer mode runs oneDNN's int8 kernels on the CPU).
 
     The weights are rebuilt from their integer codes; the file is checked against its recorded sha256.
     The returned model's `qdistill_export` holds the export's metadata (and in integer mode, which layers
     run integer kernels)."""
     if mode not in MODES:
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "integer" and (torch.device(device).type if device is not None else "cpu") != "cpu":
+        raise ExportError(f"mode=integer runs int8 CPU kernels (oneDNN); on {device} use mode=simulated")
     path = Path(path)
     meta = read_export_meta(path)
     file = path / EXPORT_FILE
@@ -231,7 +234,7 @@ def load_exported(path: str | Path, mode: str = "simulated"):
     try:
         cls = getattr(diffusers, meta["model_class"])
         config = QuantConfig(**meta["quant_config"])
-        model = build_model(cls, path)
+        model = build_model(cls, path, device, dtype)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ExportError(f"{path / META_FILE} or config.json does not describe a model: {e}") from None
     quantize_(model, config)
@@ -244,7 +247,7 @@ def load_exported(path: str | Path, mode: str = "simulated"):
             _unpack_weight(f"{name}.weight", m.weight_quantizers, m.input_groups, spec["weight_shape"], tensors, state)
             if "step_weights" in spec:
                 sw = spec["step_weights"]
-                m.step_weights = StepWeights(torch.empty(spec["weight_shape"]), m.input_groups, sw["bits"],
+                m.step_weights = StepWeights(torch.empty_like(m.weight), m.input_groups, sw["bits"],
                                              sw["symmetric"])
                 _unpack_weight(f"{name}.step_weights.weight", m.step_weights.weight_quantizers, m.input_groups,
                                spec["weight_shape"], tensors, state)

@@ -52,8 +52,9 @@ def read_quantized_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_quantized(path: str | Path):
-    """Rebuild a model saved by `save_quantized`: same diffusers class, quantized, state loaded."""
+def load_quantized(path: str | Path, device=None, dtype=None):
+    """Rebuild a model saved by `save_quantized`: same diffusers class, quantized, state loaded, on `device` in
+    `dtype` (the quantizer state with it)."""
     path = Path(path)
     meta = read_quantized_meta(path)
     try:
@@ -65,7 +66,7 @@ def load_quantized(path: str | Path):
         state = load_file(str(path / STATE_FILE))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path / STATE_FILE} is corrupted or truncated: {e}") from None
-    model = build_model(cls, path)
+    model = build_model(cls, path, device, dtype)
     quantize_(model, config)
     try:
         model.load_state_dict(state, strict=True)

@@ -17,12 +17,14 @@ from .temporal import TemporalQuantizer
 class QuantAttnProcessor(nn.Module):
     """The computation of diffusers' `AttnProcessor`, with Q, K, V and probabilities fake-quantized."""
 
-    def __init__(self, bits: int, softmax_bits: int = 8, symmetric: bool = False, per_timestep: bool = True):
+    def __init__(self, bits: int, softmax_bits: int = 8, symmetric: bool = False, per_timestep: bool = True,
+                 device=None, dtype=None):
         super().__init__()
-        self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
-        self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
-        self.v_quantizer = TemporalQuantizer(bits, symmetric, per_timestep)
-        self.probs_quantizer = TemporalQuantizer(softmax_bits, False, per_timestep)  # probs ∈ [0, 1]: z = 0
+        like = {"device": device, "dtype": dtype}  # the Attention module's
+        self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
+        self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
+        self.v_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
+        self.probs_quantizer = TemporalQuantizer(softmax_bits, False, per_timestep, **like)  # probs ∈ [0, 1]: z = 0
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         # An explicit signature: diffusers filters the kwargs it passes by the processor's __call__ parameters.

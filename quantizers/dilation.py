@@ -17,10 +17,12 @@ def dilation_factors(weight: torch.Tensor) -> torch.Tensor:
     s_k = 1 for saturated channels (those holding some output channel's max or min); otherwise the
     largest s keeping s·W_jk inside [Wmin_j, Wmax_j] for every output channel j (and kernel position).
     """
-    w = weight.detach().float().flatten(2) if weight.dim() > 2 else weight.detach().float()[:, :, None]
+    w = weight.detach()
+    w = w if w.dtype == torch.float64 else w.float()
+    w = w.flatten(2) if w.dim() > 2 else w[:, :, None]
     wmax = w.amax(dim=(1, 2), keepdim=True)
     wmin = w.amin(dim=(1, 2), keepdim=True)
-    inf = torch.tensor(float("inf"))
+    inf = torch.full((), float("inf"), dtype=w.dtype, device=w.device)
     up = torch.where(w > 0, wmax / w, inf)  # positive weights may grow up to their row's max
     down = torch.where(w < 0, wmin / w, inf)  # negative ones down to their row's min; zeros impose nothing
     s = torch.minimum(up, down).amin(dim=(0, 2))

@@ -48,16 +48,18 @@ class QuantLayerMixin:
         in_ch, out_ch = self.weight.shape[1], self.weight.shape[0]
         bounds = [0, *splits, in_ch]
         self.input_groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        like = {"device": self.weight.device, "dtype": self.weight.dtype}  # all quantizer state beside the weight
         self.weight_quantizers = nn.ModuleList(
-            [UniformQuantizer(spec.weight_bits, spec.weight_symmetric, 0, out_ch) for _ in self.input_groups]
+            [UniformQuantizer(spec.weight_bits, spec.weight_symmetric, 0, out_ch, **like) for _ in self.input_groups]
             if spec.weight_bits is not None else []
         )
         self.input_quantizers = nn.ModuleList(
-            [TemporalQuantizer(spec.act_bits, spec.act_symmetric, spec.per_timestep) for _ in self.input_groups]
+            [TemporalQuantizer(spec.act_bits, spec.act_symmetric, spec.per_timestep, **like)
+             for _ in self.input_groups]
             if spec.act_bits is not None else []
         )
         if spec.act_bits is not None:
-            self.register_buffer("dilation_scale", torch.ones(in_ch, device=self.weight.device))
+            self.register_buffer("dilation_scale", torch.ones(in_ch, **like))
         self.step_weights: StepWeights | None = None
 
     @property

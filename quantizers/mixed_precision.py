@@ -85,7 +85,7 @@ def bit_operations(model: nn.Module, macs: dict[str, int], timestep: float) -> f
     """BOPs per sample of one forward at `timestep`: each layer's MACs × its weight bits at that step × its
     input row's bits."""
     total = 0.0
-    t = torch.tensor([float(timestep)])
+    t = torch.tensor([float(timestep)], device=next(model.parameters()).device)
     for name, n in macs.items():
         m = model.get_submodule(name)
         w_bits = a_bits = FP_BITS
@@ -188,8 +188,9 @@ def apply_step_bits(low_model: nn.Module, high_model: nn.Module, timesteps: Sequ
     high model's weight and quantizers as `step_weights`, used on the high steps. Returns `low_model`."""
     if len(timesteps) != len(high):
         raise ValueError(f"the schedule has {len(timesteps)} timesteps and {len(high)} precision flags")
-    t = torch.tensor([float(x) for x in timesteps])
-    use_high = torch.tensor([bool(h) for h in high])
+    device = next(low_model.parameters()).device
+    t = torch.tensor([float(x) for x in timesteps], device=device)
+    use_high = torch.tensor([bool(h) for h in high], device=device)
     high_modules = dict(high_model.named_modules())
     for name, m_low in list(low_model.named_modules()):  # step weights get added as we go
         m_high = high_modules[name]
@@ -206,7 +207,7 @@ def apply_step_bits(low_model: nn.Module, high_model: nn.Module, timesteps: Sequ
         elif (isinstance(m_low, QUANT_LAYERS) and len(m_low.weight_quantizers)
               and m_high.weight_quantizers[0].bits != m_low.weight_quantizers[0].bits):
             q = m_high.weight_quantizers[0]
-            copy_ = StepWeights(m_high.weight, m_low.input_groups, q.bits, q.symmetric).to(m_low.weight.device)
+            copy_ = StepWeights(m_high.weight.to(m_low.weight), m_low.input_groups, q.bits, q.symmetric)
             copy_.weight_quantizers.load_state_dict(m_high.weight_quantizers.state_dict())
             copy_.set_schedule(t, use_high)
             m_low.step_weights = copy_

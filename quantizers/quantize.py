@@ -132,8 +132,9 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
         for module in model.modules():
             if isinstance(module, Attention):
                 bits = config.attention_bits or config.act_bits
+                w = module.to_q.weight
                 module.set_processor(QuantAttnProcessor(bits, config.softmax_bits, config.act_symmetric,
-                                                        config.per_timestep))
+                                                        config.per_timestep, device=w.device, dtype=w.dtype))
 
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS):

@@ -23,8 +23,8 @@ def per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
 def nearest_rows(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Index of the nearest `table` timestep for each of `t`."""
     if table.numel() == 1:
-        return torch.zeros(t.shape, dtype=torch.long, device=t.device)
-    return (t.to(table.dtype)[:, None] - table[None, :]).abs().argmin(dim=1)
+        return torch.zeros(t.shape, dtype=torch.long, device=table.device)
+    return (t.to(table)[:, None] - table[None, :]).abs().argmin(dim=1)
 
 
 class TimestepRouted(nn.Module):

@@ -24,9 +24,10 @@ class StepWeights(TimestepRouted):
         self.register_buffer("weight", weight.detach().clone())
         self.input_groups = [tuple(g) for g in input_groups]
         self.weight_quantizers = nn.ModuleList(
-            [UniformQuantizer(bits, symmetric, 0, weight.shape[0]) for _ in self.input_groups])
-        self.register_buffer("timesteps", torch.zeros(1))
-        self.register_buffer("use", torch.zeros(1, dtype=torch.bool))
+            [UniformQuantizer(bits, symmetric, 0, weight.shape[0], device=weight.device, dtype=weight.dtype)
+             for _ in self.input_groups])
+        self.register_buffer("timesteps", torch.zeros(1, device=weight.device, dtype=weight.dtype))
+        self.register_buffer("use", torch.zeros(1, dtype=torch.bool, device=weight.device))
         self._t: torch.Tensor | None = None
 
     @property
@@ -36,7 +37,7 @@ class StepWeights(TimestepRouted):
     @torch.no_grad()
     def set_schedule(self, timesteps, use) -> None:
         """Per schedule timestep, whether this copy is used."""
-        timesteps = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+        timesteps = torch.as_tensor(timesteps, dtype=self.timesteps.dtype).reshape(-1)
         use = torch.as_tensor(use, dtype=torch.bool).reshape(-1)
         if timesteps.numel() != use.numel() or timesteps.numel() == 0:
             raise ValueError(f"a step-weight schedule needs one flag per timestep, got {use.numel()} flags for "
@@ -64,7 +65,7 @@ class StepWeights(TimestepRouted):
         # The schedule's length is the saved one.
         saved = state_dict.get(prefix + "timesteps")
         if saved is not None and saved.numel() != self.timesteps.numel():
-            self.timesteps = torch.zeros(saved.numel(), device=self.weight.device)
+            self.timesteps = torch.zeros(saved.numel(), device=self.weight.device, dtype=self.timesteps.dtype)
             self.use = torch.zeros(saved.numel(), dtype=torch.bool, device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

@@ -27,17 +27,18 @@ class TemporalQuantizer(TimestepRouted):
     Modes: `observe` records per-timestep statistics and passes inputs through; `init_from_observations`
     turns them into the table; then the quantizer fake-quantizes (`enabled = False` passes through).
     With `per_timestep=False` the table has one row shared by all timesteps (Q-Diffusion, RTN).
+    `device`/`dtype` are those of the activations it quantizes; every table lives there.
     """
 
-    def __init__(self, bits: int, symmetric: bool = False, per_timestep: bool = True):
+    def __init__(self, bits: int, symmetric: bool = False, per_timestep: bool = True, device=None, dtype=None):
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
         self.per_timestep = per_timestep
-        self.delta = nn.Parameter(torch.ones(1))
-        self.zero = nn.Parameter(torch.zeros(1), requires_grad=not symmetric)
-        self.register_buffer("timesteps", torch.zeros(1))
-        self.register_buffer("row_bits", torch.full((1,), bits, dtype=torch.int64))
+        self.delta = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        self.zero = nn.Parameter(torch.zeros(1, device=device, dtype=dtype), requires_grad=not symmetric)
+        self.register_buffer("timesteps", torch.zeros(1, device=device, dtype=dtype))
+        self.register_buffer("row_bits", torch.full((1,), bits, dtype=torch.int64, device=device))
         self._mixed_bits = False  # any row_bits != bits: the forward then clamps per row
         self.enabled = True
         self.observing = False
@@ -52,7 +53,7 @@ class TemporalQuantizer(TimestepRouted):
     def _current_t(self, batch: int) -> torch.Tensor:
         if self._t is None:
             if self.timesteps.numel() == 1 and not self.observing:
-                return torch.zeros(batch, device=self.delta.device)
+                return torch.zeros(batch, device=self.delta.device, dtype=self.timesteps.dtype)
             raise RuntimeError(
                 "TemporalQuantizer has no timesteps for this batch: call the model (its `timestep` argument is "
                 "routed by quantize_), or set_timesteps(module, t) before running a block alone"
@@ -97,7 +98,8 @@ class TemporalQuantizer(TimestepRouted):
     def _observe(self, x: torch.Tensor) -> None:
         t = self._current_t(x.shape[0])
         keys = t if self.per_timestep else torch.zeros_like(t)
-        flat = x.detach().float().reshape(x.shape[0], -1)
+        flat = x.detach().reshape(x.shape[0], -1)
+        flat = flat if flat.dtype == torch.float64 else flat.float()
         for key in keys.unique().tolist():
             vals = flat[keys == key].reshape(-1)
             lo, hi, kept = self._stats.get(key, (float("inf"), float("-inf"), []))
@@ -125,14 +127,13 @@ class TemporalQuantizer(TimestepRouted):
             samples.append(values)
         n = min(v.numel() for v in samples)  # one search over all rows at once: equal-length subsamples
         values = torch.stack([v[torch.randperm(v.numel())[:n]] if v.numel() > n else v for v in samples])
-        lo = torch.tensor([self._stats[key][0] for key in keys])
-        hi = torch.tensor([self._stats[key][1] for key in keys])
-        delta, zero = search_range(values, self.bits, self.symmetric, method, lo=lo, hi=hi)
-        device = self.delta.device
+        lo = torch.tensor([self._stats[key][0] for key in keys], dtype=values.dtype)
+        hi = torch.tensor([self._stats[key][1] for key in keys], dtype=values.dtype)
+        delta, zero = search_range(values, self.bits, self.symmetric, method, lo=lo, hi=hi)  # on the host
         self._resize(len(keys))
-        self.delta.copy_(delta.to(device))
-        self.zero.copy_(zero.to(device))
-        self.timesteps.copy_(torch.tensor(keys, dtype=self.timesteps.dtype, device=device))
+        self.delta.copy_(delta)  # copy_ moves and casts into the table's own device and dtype
+        self.zero.copy_(zero)
+        self.timesteps.copy_(torch.tensor(keys, dtype=torch.float64))
         self.row_bits.fill_(self.bits)
         self._mixed_bits = False
         self._stats = {}
@@ -140,11 +141,11 @@ class TemporalQuantizer(TimestepRouted):
     def _resize(self, rows: int) -> None:
         if self.delta.numel() == rows:
             return
-        device = self.delta.device
-        self.delta = nn.Parameter(torch.ones(rows, device=device))
-        self.zero = nn.Parameter(torch.zeros(rows, device=device), requires_grad=not self.symmetric)
-        self.timesteps = torch.zeros(rows, device=device)
-        self.row_bits = torch.full((rows,), self.bits, dtype=torch.int64, device=device)
+        like = {"device": self.delta.device, "dtype": self.delta.dtype}
+        self.delta = nn.Parameter(torch.ones(rows, **like))
+        self.zero = nn.Parameter(torch.zeros(rows, **like), requires_grad=not self.symmetric)
+        self.timesteps = torch.zeros(rows, device=self.timesteps.device, dtype=self.timesteps.dtype)
+        self.row_bits = torch.full((rows,), self.bits, dtype=torch.int64, device=self.row_bits.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

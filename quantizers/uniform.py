@@ -66,13 +66,13 @@ def search_range(
     the α with the lowest quantization MSE; α = 1 (min/max) is always a candidate, so MSE is never worse.
     `lo`/`hi` override the row extremes (used when `x` is a subsample of a larger tensor).
     """
-    x = x.float()
-    lo = x.amin(dim=1) if lo is None else lo.float()
-    hi = x.amax(dim=1) if hi is None else hi.float()
-    if method == "minmax":
-        return params_from_range(lo, hi, bits, symmetric)
-    if method != "mse":
+    x = x if x.dtype == torch.float64 else x.float()  # the search runs in at least fp32
+    lo = x.amin(dim=1) if lo is None else lo.to(x)
+    hi = x.amax(dim=1) if hi is None else hi.to(x)
+    if method not in ("minmax", "mse"):
         raise ValueError(f"range init method must be 'minmax' or 'mse', got {method!r}")
+    if method == "minmax" or x.device.type == "meta":  # meta tensors hold no values: nothing to search
+        return params_from_range(lo, hi, bits, symmetric)
     qmin, qmax = qrange(bits, symmetric)
     best_err = torch.full_like(lo, float("inf"))
     best_delta, best_zero = params_from_range(lo, hi, bits, symmetric)
@@ -90,20 +90,22 @@ class UniformQuantizer(nn.Module):
     """Fake quantizer for one tensor, per tensor or per channel along `channel_axis`.
 
     Used for weights (per output channel, axis 0). Δ is a learnable parameter (LSQ); for asymmetric
-    quantizers so is z. `enabled = False` passes the input through unchanged.
+    quantizers so is z. `enabled = False` passes the input through unchanged. `device`/`dtype` are the
+    quantized tensor's (as for torch.nn layers): the state is created there, never on the CPU by default.
     """
 
-    def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = 0, num_channels: int = 1):
+    def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = 0, num_channels: int = 1,
+                 device=None, dtype=None):
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
         self.channel_axis = channel_axis
         rows = num_channels if channel_axis is not None else 1
-        self.delta = nn.Parameter(torch.ones(rows))
+        self.delta = nn.Parameter(torch.ones(rows, device=device, dtype=dtype))
         if symmetric:
-            self.register_buffer("zero", torch.zeros(rows))
+            self.register_buffer("zero", torch.zeros(rows, device=device, dtype=dtype))
         else:
-            self.zero = nn.Parameter(torch.zeros(rows))
+            self.zero = nn.Parameter(torch.zeros(rows, device=device, dtype=dtype))
         self.enabled = True
 
     @property

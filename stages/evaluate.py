@@ -24,6 +24,7 @@ import torch
 
 from ..configs.schema import EvalConfig
 from ..data.model_folder import convert_scheduler, load_scheduler, load_unet, model_hash, scheduler_from_file
+from ..devices import resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.fidelity import psnr, save_grid
 from ..evaluation.reference_cache import default_cache_dir, load_reference, reference_key, save_reference
@@ -54,7 +55,9 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     if ptqd and correction is None:
         raise ExportError(f"ptqd=true: {cfg.model} holds no noise-correction statistics (export it with "
                           "`qdistill export noise_correction=true`)")
-    qunet = load_exported(cfg.model, cfg.mode)
+    device = resolve_device(cfg.device)
+    q_device = device if cfg.mode == "simulated" else torch.device("cpu")  # integer: oneDNN's int8 CPU kernels
+    qunet = load_exported(cfg.model, cfg.mode, device=q_device)
     exported_scheduler = Path(cfg.model) / "scheduler_config.json"
     if exported_scheduler.is_file():
         base = scheduler_from_file(exported_scheduler)
@@ -69,7 +72,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
             q_scheduler = NoiseCorrectedScheduler(scheduler, correction)
         except (TypeError, ValueError) as e:  # e.g. scheduler=dpm: PTQD wraps DDIM and DDPM only
             raise ExportError(f"PTQD noise correction (ptqd=true; ptqd=false samples plainly): {e}") from None
-    fp = load_unet(cfg.reference).eval() if cfg.reference else None
+    fp = load_unet(cfg.reference).eval().to(device) if cfg.reference else None
     pipe_kwargs = {}
     if getattr(qunet.config, "cross_attention_dim", None):
         if cfg.reference is None or cfg.prompts is None:
@@ -89,8 +92,8 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     if ptqd:
         log(f"quantized samples with PTQD noise correction ({meta['noise_correction']['steps']} measured steps); "
             "FP reference with the plain scheduler")
-    log(f"{meta['recipe']} {bits} from {cfg.model} ({cfg.mode}); {cfg.num_samples} seeds from {cfg.seed}, "
-        f"{sampler}, {world} rank(s)")
+    log(f"{meta['recipe']} {bits} from {cfg.model} ({cfg.mode} on {q_device}; FP reference on {device}); "
+        f"{cfg.num_samples} seeds from {cfg.seed}, {sampler}, {world} rank(s)")
 
     # 2. quantized samples
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
@@ -126,7 +129,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     if rank == 0:
         metrics = {"model": cfg.model, "recipe": meta["recipe"], "bits": bits, "mode": cfg.mode,
                    "sampler": sampler, "num_samples": cfg.num_samples, "seeds": [cfg.seed, cfg.seed + cfg.num_samples],
-                   "ptqd_noise_correction": ptqd, "world_size": world,
+                   "ptqd_noise_correction": ptqd, "world_size": world, "device": str(q_device),
                    "sampling_seconds": round(sampling_seconds, 2),
                    "export_file_bytes": meta["size"]["file_bytes"]}
         if cfg.mode == "integer":

@@ -30,6 +30,7 @@ from ..configs import to_dict
 from ..configs.schema import ExportConfig
 from ..data.model_folder import load_scheduler, load_unet, model_hash
 from ..data.trajectories import record_trajectories, seed_batches
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
 from ..export.quantized import META_FILE, read_quantized_meta
@@ -49,7 +50,9 @@ def export(cfg: ExportConfig) -> dict:
     if not (qdir / META_FILE).is_file():
         raise CheckpointError(f"{run} holds no quantized model ({run / 'quantized' / META_FILE} not found)")
     meta = read_quantized_meta(qdir)
-    model = load_quantized(qdir)
+    device = resolve_device(cfg.device)
+    model = load_quantized(qdir, device=device)
+    logger.info(f"{qdir} on {device}")
     scheduler_config = None
     if meta.get("source_model"):
         try:
@@ -97,7 +100,7 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
         raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
                           "one the run recorded): its trajectories would not measure this quantized model")
     m = cfg.measure
-    fp = load_unet(meta["source_model"]).eval()
+    fp = load_unet(meta["source_model"]).eval().to(next(model.parameters()).device)
     scheduler = load_scheduler(meta["source_model"], m.scheduler)
     seeds = list(range(m.seed, m.seed + m.samples))
     logger.info(f"PTQD: {m.samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "

@@ -21,6 +21,7 @@ from ..configs import to_dict
 from ..configs.schema import QuantizeRunConfig
 from ..data.model_folder import load_scheduler, load_unet, model_hash
 from ..data.trajectories import record_trajectories, uniform_steps
+from ..devices import resolve_device
 from ..errors import ModelFolderError
 from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
@@ -32,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 def quantize(cfg: QuantizeRunConfig) -> dict:
     """Quantize `cfg.model` into `cfg.out`; returns the metrics written to OUT/metrics.json."""
-    fp = load_unet(cfg.model).eval()
+    device = resolve_device(cfg.device)
+    fp = load_unet(cfg.model).eval().to(device)
     calib_scheduler = load_scheduler(cfg.model, cfg.calibration.scheduler)
     eval_scheduler = load_scheduler(cfg.model, cfg.sampling.scheduler)
     needs = [p for p, v in inspect.signature(fp.forward).parameters.items()
@@ -42,7 +44,7 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
                                "unconditional models (use the Python API, quantize_ + calibrate_, for conditional ones)")
     out = Path(cfg.out)
     torch.manual_seed(0)
-    logger.info(f"{cfg.recipe}: {type(fp).__name__} from {cfg.model}, {cfg.quant.tag}")
+    logger.info(f"{cfg.recipe}: {type(fp).__name__} from {cfg.model}, {cfg.quant.tag}, on {device}")
 
     # 1. calibration data: FP sampler inputs along whole trajectories
     c = cfg.calibration

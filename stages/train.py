@@ -27,6 +27,7 @@ from ..configs import to_dict
 from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
 from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..devices import autocast
 from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
@@ -45,7 +46,7 @@ def train(cfg: TrainConfig) -> dict | None:
     phases = recipe_phases(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.device, cfg.timeout_minutes)
     try:
         return _train(cfg, ds_config, phases, rank, world_size, device)
     finally:
@@ -56,14 +57,15 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     out = Path(cfg.out)
     log = logger.info if rank == 0 else (lambda msg: None)
     # 1. the FP model and the calibration shards
-    fp = load_unet(cfg.model).eval().to(device)
+    fp = load_unet(cfg.model).eval().to(device)  # fp32 weights; precision=bf16 runs the forwards under autocast
     source_hash = model_hash(cfg.model)
     manifest = read_manifest(cfg.trajectories)
     shards = load_shard_list(cfg.trajectories, rank, world_size, source_hash)
     shard_ids = list(range(rank, len(manifest["shards"]), world_size))
     all_shards = shards if world_size == 1 else load_shard_list(cfg.trajectories, 0, 1, source_hash)
     log(f"{type(fp).__name__} from {cfg.model}; {manifest['num_rows']} calibration rows in "
-        f"{len(manifest['shards'])} shards; {world_size} rank(s) on {device}; {cfg.quant.tag} {cfg.recipe}")
+        f"{len(manifest['shards'])} shards; {world_size} rank(s) on {device}, {cfg.precision}; {cfg.quant.tag} "
+        f"{cfg.recipe}")
     if cfg.overwrite and rank == 0:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     if world_size > 1:
@@ -90,7 +92,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
                                run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
                                            "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),
                                            "model": cfg.model, "trajectories": cfg.trajectories},
-                               phases=phases)
+                               phases=phases, precision=cfg.precision)
     t0 = time.time()
     summaries = distiller.run()
     train_seconds = time.time() - t0
@@ -103,6 +105,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         save_quantized(student, out / "quantized", recipe=cfg.recipe, source_model=str(cfg.model),
                        source_model_hash=source_hash, run_config=to_dict(cfg))
         metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "world_size": world_size, "deepspeed": cfg.deepspeed,
+                   "device": str(device), "precision": cfg.precision,
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
                    "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "blocks": summaries}
         if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
@@ -110,8 +113,10 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         else:
             s = cfg.sampling
             scheduler = load_scheduler(cfg.model, s.scheduler)
-            fp_final, q_final, fidelity = compare_to_fp(fp, student, scheduler, range(s.seed, s.seed + s.num_samples),
-                                                        s.num_steps, s.batch_size, s.eta)
+            with autocast(device, cfg.precision):
+                fp_final, q_final, fidelity = compare_to_fp(fp, student, scheduler,
+                                                            range(s.seed, s.seed + s.num_samples), s.num_steps,
+                                                            s.batch_size, s.eta)
             metrics.update(fidelity, sampler=f"{s.scheduler} {s.num_steps} steps eta={s.eta}")
             grid = save_grid([fp_final, q_final], out / "samples.png")
             import numpy as np

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.calibration_set import to_model_inputs
+from ..devices import autocast, cast_inputs
 from ..errors import ConfigError, DivergenceError
 from ..progress import progress
 from ..quantizers import Block, set_timesteps
@@ -59,7 +60,7 @@ class BlockDistiller:
     def __init__(self, teacher: nn.Module, student: nn.Module, blocks_fp: list[Block], blocks_q: list[Block],
                  shards: list, shard_ids: list[int], num_shards: int, cfg, ds_config: dict, out: str | Path,
                  rank: int = 0, world_size: int = 1, writer=None, run_config: dict | None = None,
-                 phases: list[Phase] | None = None):
+                 phases: list[Phase] | None = None, precision: str = "fp32"):
         if [b.name for b in blocks_fp] != [b.name for b in blocks_q]:
             raise ValueError("teacher and student blocks differ: " f"{[b.name for b in blocks_fp]} vs {[b.name for b in blocks_q]}")
         self.teacher, self.student = teacher, student
@@ -89,7 +90,8 @@ class BlockDistiller:
                               train_micro_batch_size_per_gpu=cfg.batch_size // world_size)
         self.summaries: list[dict] = []
         self.current: dict = {}  # the block in progress: its initial MSE and finished phases (checkpointed)
-        self.device = next(student.parameters()).device
+        self.device, self.dtype = next(student.parameters()).device, next(student.parameters()).dtype
+        self.precision = precision  # bf16: every forward under autocast; parameters, loss and Adam in fp32
         self.checkpoint = RunCheckpoint(self.out, rank, world_size)
 
     # -- data ---------------------------------------------------------------------------------------
@@ -99,13 +101,14 @@ class BlockDistiller:
 
     def _model_inputs(self, parts: list[dict]) -> dict:
         batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return {k: v.to(self.device) for k, v in to_model_inputs(batch).items()}
+        return cast_inputs(to_model_inputs(batch), self.device, self.dtype)
 
     def _capture(self, k: int, model_kwargs: dict) -> dict:
         """The call of block k for one batch: the student's inputs, the teacher's output, the timesteps."""
-        fp = capture_block_call(self.teacher, self.blocks_fp[k].module, model_kwargs, with_output=True)
-        q = fp if self.cfg.block_input == "fp" else \
-            capture_block_call(self.student, self.blocks_q[k].module, model_kwargs, with_output=False)
+        with autocast(self.device, self.precision):
+            fp = capture_block_call(self.teacher, self.blocks_fp[k].module, model_kwargs, with_output=True)
+            q = fp if self.cfg.block_input == "fp" else \
+                capture_block_call(self.student, self.blocks_q[k].module, model_kwargs, with_output=False)
         t = torch.as_tensor(model_kwargs["timestep"]).reshape(-1).float()
         return {"args": q["args"], "kwargs": q["kwargs"], "target": fp["output"], "t": t}
 
@@ -198,7 +201,9 @@ class BlockDistiller:
         block = self.blocks_q[k].module
         data = self._batch(k, EVAL_ITERATION, cache)
         set_timesteps(block, data["t"])
-        mse = per_sample_mse(block(*data["args"], **data["kwargs"]), data["target"]).mean()
+        with autocast(self.device, self.precision):
+            out = block(*data["args"], **data["kwargs"])
+        mse = per_sample_mse(out, data["target"]).mean()
         return self._mean_over_ranks(mse).item()
 
     def _train_block(self, k: int, first_phase: int, start: int) -> None:
@@ -250,7 +255,9 @@ class BlockDistiller:
         for it in bar:
             data = self._batch(k, offset + it, cache)
             set_timesteps(block, data["t"])
-            per_sample, loss, scalars = phase.loss(block, engine(*data["args"], **data["kwargs"]), data["target"], it)
+            with autocast(self.device, self.precision):
+                out = engine(*data["args"], **data["kwargs"])
+            per_sample, loss, scalars = phase.loss(block, out, data["target"], it)  # in fp32 (phases.py)
             loss_avg = self._mean_over_ranks(per_sample.mean())
             if not torch.isfinite(loss_avg) or not torch.isfinite(loss):  # before the step: parameters stay good
                 raise DivergenceError(f"block {name}, iteration {it}: loss is {loss_avg.item()} (non-finite); stopped "

@@ -4,7 +4,9 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain run gets single-pro
 GPU, DeepSpeed runs on its CPU accelerator over gloo."""
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -12,6 +14,9 @@ from pathlib import Path
 import torch
 
 from ..configs import CONFIG_DIR, ConfigError
+from ..devices import resolve_device
+
+logger = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -20,9 +25,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Initialise torch.distributed through DeepSpeed; return (rank, world_size, device)."""
-    if not torch.cuda.is_available():
+def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
+    """Initialise torch.distributed through DeepSpeed on `device` (auto|cpu|cuda: NCCL on GPUs, gloo on the
+    CPU); return (rank, world_size, the rank's torch device)."""
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        resolve_device("cuda")  # the one-line error
+    if on_gpu and os.environ.get("DS_ACCELERATOR") == "cpu":
+        logger.warning("DS_ACCELERATOR=cpu is set on a machine with a GPU: DeepSpeed runs on the CPU and so does "
+                       "this run; unset DS_ACCELERATOR to train on the GPU")
+        on_gpu = False
+    if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the deepspeed import
     if "RANK" not in os.environ:  # plain `python`: a one-process group
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -32,6 +45,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    timeout = datetime.timedelta(minutes=timeout_minutes)  # rank 0 writes checkpoints while the others wait
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not torch.distributed.is_initialized():
         # After torchrun restarts failed workers it hands the new ones the same agent store, still holding the
         # dead workers' gloo addresses; a prefix per restart keeps the new group from dialling them.
@@ -39,13 +53,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
                                            int(os.environ["WORLD_SIZE"]), is_master=False)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"qdistill/{attempt}", store),
-                                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu") if accelerator.device_name() == "cpu" else \
-        torch.device(accelerator.device_name(local_rank))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+                                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                             timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    device = resolve_device("cuda") if accelerator.device_name() != "cpu" else torch.device("cpu")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
@@ -62,10 +73,14 @@ def load_deepspeed_config(name: str) -> dict:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
-    for key in ("optimizer", "scheduler", "fp16"):
-        if key in config and (key != "fp16" or config[key].get("enabled")):
+    for key in ("optimizer", "scheduler"):
+        if key in config:
             raise ConfigError(f"DeepSpeed config {path}: '{key}' is not supported here (qdistill builds the optimizer "
-                              "and LR schedule from distill.*; fake quantization trains in fp32 or bf16)")
+                              "and LR schedule from distill.*)")
+    for key in ("fp16", "bf16"):
+        if config.get(key, {}).get("enabled"):
+            raise ConfigError(f"DeepSpeed config {path}: '{key}' is not supported here (the quantizers' step sizes "
+                              "and the optimizer stay fp32; set precision=bf16 for bf16 forwards under autocast)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1 or 2, got {stage}")

@@ -7,16 +7,18 @@ import copy
 import torch
 
 from ..data.calibration_set import to_model_inputs
+from ..devices import autocast, cast_inputs
 from ..quantizers import calibrate_, find_blocks, quantize_
 
 
-def init_batches(shards, rows: int, batch_size: int, device):
-    """About `rows` rows taken evenly from every shard (so all timesteps), as model-input batches."""
+def init_batches(shards, rows: int, batch_size: int, device, dtype=torch.float32):
+    """About `rows` rows taken evenly from every shard (so all timesteps), as model-input batches on `device`
+    (floating inputs in `dtype`)."""
     per_shard = max(1, rows // len(shards))
     for shard in shards:
         idx = torch.linspace(0, len(shard) - 1, min(per_shard, len(shard))).round().long().tolist()
         for a in range(0, len(idx), batch_size):
-            yield {k: v.to(device) for k, v in to_model_inputs(shard[idx[a:a + batch_size]]).items()}
+            yield cast_inputs(to_model_inputs(shard[idx[a:a + batch_size]]), device, dtype)
 
 
 def build_student(fp, cfg, all_shards, device, calibrate: bool = True):
@@ -25,8 +27,10 @@ def build_student(fp, cfg, all_shards, device, calibrate: bool = True):
     calibrate=False the tables are left for a checkpoint to fill."""
     torch.manual_seed(cfg.distill.seed)
     student = quantize_(copy.deepcopy(fp), cfg.quant)
-    example = next(init_batches(all_shards[:1], 2, 2, device))
+    dtype = next(fp.parameters()).dtype
+    example = next(init_batches(all_shards[:1], 2, 2, device, dtype))
     blocks_fp, blocks_q = find_blocks(fp, example), find_blocks(student, example)
-    if calibrate:
-        calibrate_(student, init_batches(all_shards, cfg.distill.init_rows, cfg.distill.batch_size, device))
+    if calibrate:  # the tables see the activations of the precision the run trains in
+        with autocast(device, cfg.precision):
+            calibrate_(student, init_batches(all_shards, cfg.distill.init_rows, cfg.distill.batch_size, device, dtype))
     return student, blocks_fp, blocks_q
