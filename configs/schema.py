@@ -101,8 +101,11 @@ class DistillConfig:
     checkpoint_every: int = 500  # iterations inside a block; a checkpoint is also written after every block
     log_every: int = 10
     seed: int = 0
+    max_blocks: int | None = None  # train only the first N blocks (a smoke run at full size); None: all
 
     def __post_init__(self):
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise ValueError(f"distill.max_blocks must be >= 1 or null, got {self.max_blocks}")
         for key in ("iterations", "batch_size", "init_rows", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"distill.{key} must be >= 1, got {getattr(self, key)}")

@@ -32,7 +32,7 @@ from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
 from ..trainer.distill import BlockDistiller
-from ..trainer.launch import init_distributed, load_deepspeed_config
+from ..trainer.launch import init_distributed, load_deepspeed_config, release_distributed
 from ..trainer.recipes import recipe_phases
 from ..trainer.run_state import CHECKPOINT
 from ..trainer.student import build_student
@@ -50,7 +50,7 @@ def train(cfg: TrainConfig) -> dict | None:
     try:
         return _train(cfg, ds_config, phases, rank, world_size, device)
     finally:
-        torch.distributed.destroy_process_group()
+        release_distributed()
 
 
 def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int, device) -> dict | None:
@@ -100,6 +100,11 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     # 4. the result, and how close it is to FP
     peak_rss_mb = torch.tensor(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, device=device)
     torch.distributed.all_reduce(peak_rss_mb, op=torch.distributed.ReduceOp.MAX)
+    peak_gpu_mb = None
+    if device.type == "cuda":
+        peak_gpu_mb = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**20, device=device)
+        torch.distributed.all_reduce(peak_gpu_mb, op=torch.distributed.ReduceOp.MAX)
+        peak_gpu_mb = round(peak_gpu_mb.item(), 1)
     metrics = None
     if rank == 0:
         save_quantized(student, out / "quantized", recipe=cfg.recipe, source_model=str(cfg.model),
@@ -107,7 +112,8 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "world_size": world_size, "deepspeed": cfg.deepspeed,
                    "device": str(device), "precision": cfg.precision,
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
-                   "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "blocks": summaries}
+                   "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "peak_gpu_mb_per_rank": peak_gpu_mb,
+                   "blocks": summaries}
         if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
             log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see `qdistill eval`)")
         else:

@@ -136,6 +136,18 @@ def test_bf16_autocast_trains_what_fp32_trains_and_keeps_the_state_in_fp32(bench
     assert total < sum(b["init_mse"] for b in got["blocks"])  # and it trained
 
 
+def test_max_blocks_trains_only_the_first_blocks(bench, reference_run, tmp_path):
+    ref_out, _, start = reference_run
+    args = train_args(bench, tmp_path / "two", "deepspeed=zero0.json", FP_INPUTS, "distill.max_blocks=2")
+    rc, log = launch(args)
+    assert rc == 0, log
+    got, ref = (json.loads((o / "metrics.json").read_text())["blocks"] for o in (tmp_path / "two", ref_out))
+    assert [b["block"] for b in got] == [b["block"] for b in ref[:2]]
+    state = trained_state(tmp_path / "two")
+    assert not torch.equal(state["conv_in.weight"], start["conv_in.weight"])  # block 2 (after time_embedding)
+    assert torch.equal(state["conv_out.weight"], start["conv_out.weight"])  # the last block: left as initialised
+
+
 def test_recomputed_block_inputs_train_what_cached_ones_train(bench, reference_run):
     """distill.cache_mb=0 captures every batch's block inputs afresh instead of selecting cached rows."""
     out = bench / "runs" / "recompute"

@@ -181,7 +181,8 @@ class BlockDistiller:
             where = self.blocks_q[state.block_index].name if state.block_index < len(self.blocks_q) else "end"
             phase = f" phase {self.phases[state.phase].name}," if len(self.phases) > 1 and where != "end" else ""
             self._log(f"resuming at block {state.block_index + 1} ({where}),{phase} iteration {state.iteration}")
-        for k in range(state.block_index, len(self.blocks_q)):
+        last = len(self.blocks_q) if self.cfg.max_blocks is None else min(self.cfg.max_blocks, len(self.blocks_q))
+        for k in range(state.block_index, last):
             resumed = k == state.block_index
             self._train_block(k, state.phase if resumed else 0, state.iteration if resumed else 0)
             self.current = {}

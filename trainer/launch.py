@@ -17,6 +17,7 @@ from ..configs import CONFIG_DIR, ConfigError
 from ..devices import resolve_device
 
 logger = logging.getLogger(__name__)
+_SET_HERE: list[str] = []  # the environment variables init_distributed set for a plain one-process run
 
 
 def _free_port() -> int:
@@ -38,8 +39,9 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the deepspeed import
     if "RANK" not in os.environ:  # plain `python`: a one-process group
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        _SET_HERE[:] = [k for k in single if k not in os.environ]
+        os.environ.update({k: single[k] for k in _SET_HERE})
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -58,6 +60,16 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     device = resolve_device("cuda") if accelerator.device_name() != "cpu" else torch.device("cpu")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def release_distributed() -> None:
+    """End the process group, and take back the environment a plain run set for it (a later run in the same
+    process, or a process it starts, must not inherit rank 0's address)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in _SET_HERE:
+        os.environ.pop(key, None)
+    _SET_HERE.clear()
 
 
 def load_deepspeed_config(name: str) -> dict:
