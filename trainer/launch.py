@@ -42,6 +42,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
         single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         _SET_HERE[:] = [k for k in single if k not in os.environ]
         os.environ.update({k: single[k] for k in _SET_HERE})
+    device = resolve_device("cuda") if on_gpu else torch.device("cpu")  # set before NCCL makes communicators
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -58,7 +59,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
                                              rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                                              timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
-    device = resolve_device("cuda") if accelerator.device_name() != "cpu" else torch.device("cpu")
+    if accelerator.device_name() == "cpu":  # DeepSpeed's accelerator decides where the engines put the blocks
+        device = torch.device("cpu")
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
