@@ -9,14 +9,12 @@ only; the tests use float64 models below the engine as a proxy for device mistak
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import torch
 
 from .errors import ConfigError
 
-logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 
@@ -29,9 +27,6 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("device=cuda, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        logger.warning("DS_ACCELERATOR=cpu is set on a machine with a GPU: DeepSpeed would run on the CPU; "
-                       "unset DS_ACCELERATOR (or set device=cpu)")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank

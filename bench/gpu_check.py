@@ -70,9 +70,8 @@ def sd_shaped_run(out: Path, quick: bool, rows: int) -> tuple[Path, Path]:
     UNet2DConditionModel(**config).save_pretrained(model_dir)
     g = torch.Generator().manual_seed(1)
     c, s, d = config["in_channels"], config["sample_size"], config["cross_attention_dim"]
-    per_shard = rows // 2
-    for i in range(2):  # two shards of `per_shard` rows, timesteps spread over the schedule
-        n = per_shard
+    n = rows // 2
+    for i in range(2):  # two shards of n rows, timesteps spread over the schedule
         write_shard(traj, i, {"sample_id": list(range(i * n, (i + 1) * n)), "step": list(range(n)),
                               "timestep": [float(t) for t in torch.linspace(999, 0, n).round()],
                               "x_t": list(torch.randn(n, c, s, s, generator=g).numpy()),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .uniform import at_least_fp32
+
 
 @torch.no_grad()
 def dilation_factors(weight: torch.Tensor) -> torch.Tensor:
@@ -17,8 +19,7 @@ def dilation_factors(weight: torch.Tensor) -> torch.Tensor:
     s_k = 1 for saturated channels (those holding some output channel's max or min); otherwise the
     largest s keeping s·W_jk inside [Wmin_j, Wmax_j] for every output channel j (and kernel position).
     """
-    w = weight.detach()
-    w = w if w.dtype == torch.float64 else w.float()
+    w = at_least_fp32(weight.detach())
     w = w.flatten(2) if w.dim() > 2 else w[:, :, None]
     wmax = w.amax(dim=(1, 2), keepdim=True)
     wmin = w.amin(dim=(1, 2), keepdim=True)

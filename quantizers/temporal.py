@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .routing import TimestepRouted, nearest_rows, per_sample
-from .uniform import check_bits, fake_quant, qrange, search_range
+from .uniform import at_least_fp32, check_bits, fake_quant, qrange, search_range
 
 MAX_OBSERVED_VALUES = 16384  # per timestep: a subsample is enough for the range search; extremes are exact
 
@@ -98,8 +98,7 @@ class TemporalQuantizer(TimestepRouted):
     def _observe(self, x: torch.Tensor) -> None:
         t = self._current_t(x.shape[0])
         keys = t if self.per_timestep else torch.zeros_like(t)
-        flat = x.detach().reshape(x.shape[0], -1)
-        flat = flat if flat.dtype == torch.float64 else flat.float()
+        flat = at_least_fp32(x.detach()).reshape(x.shape[0], -1)
         for key in keys.unique().tolist():
             vals = flat[keys == key].reshape(-1)
             lo, hi, kept = self._stats.get(key, (float("inf"), float("-inf"), []))

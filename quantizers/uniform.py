@@ -27,6 +27,11 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` for range statistics and searches: float64 stays float64, anything narrower becomes fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
@@ -66,7 +71,7 @@ def search_range(
     the α with the lowest quantization MSE; α = 1 (min/max) is always a candidate, so MSE is never worse.
     `lo`/`hi` override the row extremes (used when `x` is a subsample of a larger tensor).
     """
-    x = x if x.dtype == torch.float64 else x.float()  # the search runs in at least fp32
+    x = at_least_fp32(x)
     lo = x.amin(dim=1) if lo is None else lo.to(x)
     hi = x.amax(dim=1) if hi is None else hi.to(x)
     if method not in ("minmax", "mse"):
