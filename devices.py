@@ -1,8 +1,9 @@
-"""Where and in what precision a stage runs: `device=auto|cpu|cuda` and `precision=fp32|bf16`.
+"""Where and in what precision a stage runs: `device=auto|cpu|cuda` and `precision=fp32|bf16|fp16`.
 
 auto is CUDA when torch sees a GPU, else the CPU. A rank's GPU is LOCAL_RANK modulo the GPUs it sees (a
-launcher that hands each task one visible GPU gives every rank cuda:0). bf16 runs the forwards under autocast
-while parameters, quantizer state, the loss and the optimizer stay in fp32. On CUDA, TF32 matmuls are on (fp32
+launcher that hands each task one visible GPU gives every rank cuda:0). bf16 and fp16 run the forwards under
+autocast while parameters, quantizer state, the loss and the optimizer stay in fp32 (fp16's narrow range needs
+loss scaling: trainer/distill.py has DeepSpeed do it). On CUDA, TF32 matmuls are on (fp32
 training at tensor-core speed). (A float64 run is not offered: DeepSpeed reduces fp16, bf16 and fp32 gradients
 only; the tests use float64 models below the engine as a proxy for device mistakes.)
 """
@@ -16,7 +17,7 @@ import torch
 from .errors import ConfigError
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
@@ -43,6 +44,13 @@ def autocast(device: torch.device, precision: str):
 
 
 def cast_inputs(kwargs: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Model inputs on `device`, floating ones in `dtype` (integer labels and ids keep theirs)."""
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
-            for k, v in kwargs.items()}
+    """Model inputs on `device`, floating ones in `dtype` (integer labels and ids keep theirs); nested dicts
+    (added_cond_kwargs) too."""
+    def cast(v):
+        if isinstance(v, dict):
+            return {k: cast(x) for k, x in v.items()}
+        if torch.is_tensor(v):
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        return v
+
+    return {k: cast(v) for k, v in kwargs.items()}

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/gpu_check")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--quick", action="store_true", help="CPU-sized: a dry run of the script")
     parser.add_argument("--sd-blocks", type=int, default=4, help="SD-1.5-shaped blocks to train")
     args = parser.parse_args(argv)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     logging.getLogger("qdistill").setLevel(logging.WARNING)  # this check's own lines, and warnings
     out = Path(args.out)
     device = resolve_device(args.device)
-    dev = ["device=" + args.device]
+    dev = ["device=" + args.device, f"precision={args.precision}"]
     n = 16 if args.quick else 64
     iters = 2 if args.quick else 50
     if device.type == "cuda":
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         m = train(load_config(TrainConfig, "dilatequant", [
             f"trajectories={out / 'traj'}", f"out={out / 'train'}", "quant.act_bits=8", f"distill.iterations={iters}",
             "distill.batch_size=32", "distill.init_rows=256", "distill.checkpoint_every=0", "overwrite=true",
-            "deepspeed=zero0.json", "sampling.num_samples=8", f"precision={args.precision}", *dev]))
+            "deepspeed=zero0.json", "sampling.num_samples=8", *dev]))
         loop = [b["samples_per_s"] for b in m["blocks"] if b["samples_per_s"]]
         return {"blocks": len(m["blocks"]), "psnr_db": round(m["psnr_db"], 2),
                 "in_loop_samples_per_s": round(sum(loop) / len(loop), 1)}
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "qdistill", "train", "--config", "dilatequant", f"model={model_dir}",
                f"trajectories={traj}", f"out={run}", "quant.act_bits=8", "distill.iterations=5",
                "distill.batch_size=4", "distill.init_rows=8", "distill.checkpoint_every=0", "distill.cache_mb=0",
-               "overwrite=true", "deepspeed=zero0.json", f"precision={args.precision}",
+               "overwrite=true", "deepspeed=zero0.json",
                f"distill.max_blocks={args.sd_blocks}", *dev]
         subprocess.run(cmd, check=True)
         m = json.loads((run / "metrics.json").read_text())

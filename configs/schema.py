@@ -68,11 +68,12 @@ class TrajectoryConfig:
     num_samples: int = 256
     seed: int = 0  # sample i uses seed + i
     batch_size: int = 32  # one shard per batch; batch i is recorded by rank i % N
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: sampler forwards under autocast; rows fp32
     selection: Literal["all", "uniform", "random"] = "uniform"
     every: int = 5  # uniform: steps 0, k, 2k, ... of every trajectory (Q-Diffusion)
     random_per_sample: int = 10  # random: this many distinct steps per trajectory, drawn from its seed (PTQD)
     prompts: str | None = None  # text-conditional models: text file, JSONL or saved datasets folder
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # "": the pipeline's own unconditional embedding (as `qdistill eval` samples)
     guidance_scale: float = 1.0  # > 1: classifier-free guidance, the negative embedding is recorded too
     overwrite: bool = False
 
@@ -91,7 +92,7 @@ class DistillConfig:
     `lr_quant` and `lr_schedule` are the dilatequant recipe's (qdiffusion reads its own section)."""
 
     iterations: int = 5000  # per block
-    batch_size: int = 32  # global, in calibration rows; split evenly over ranks
+    batch_size: int = 32  # global, in calibration rows: >= the shard count, a multiple of the rank count
     lr_weights: float = 1e-4  # full weights and biases (Adam)
     lr_quant: float = 1e-3  # step sizes, relative: times each quantizer's mean step size; zero points
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -158,7 +159,8 @@ class TrainConfig:
     overwrite: bool = False  # start over even if `out` holds a checkpoint (default: resume from it)
     threads: int | None = None  # torch threads per rank (torchrun sets 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU (rank r: GPU r % count)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forwards under autocast; weights, quantizers, loss, Adam fp32
+    # bf16/fp16: forwards under autocast (fp16: DeepSpeed's dynamic loss scaling); weights, quantizers, loss, Adam fp32
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     timeout_minutes: float = 60.0  # collective timeout (rank 0 writes checkpoints while the others wait)
     quant: QuantConfig = field(default_factory=QuantConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -217,6 +219,7 @@ class ExportConfig:
     out: str = ""  # default: RUN/export
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
     recipe: str | None = None  # the name recorded in the export; default the run's (+ "+ptqd" with noise correction)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: PTQD's forwards under autocast
     noise_correction: bool = False  # measure and store PTQD's per-step statistics (`qdistill eval` samples with them)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
@@ -232,6 +235,7 @@ class EvalConfig:
     out: str = ""  # folder for metrics.json, samples.png and tb/; default MODEL/eval
     mode: Literal["integer", "simulated"] = "integer"  # int8 kernels, or float kernels bit-exact with training
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer mode: int8 CPU kernels)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: FP and simulated forwards under autocast
     scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
     steps: int = 50
     eta: float = 0.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import autocast, resolve_device
 from ..errors import CalibrationSetError
 from ..progress import progress
 from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
@@ -43,7 +43,8 @@ def _load_text_pipeline(path: str):
 
 
 def conditioning_source(cfg, unet, device=None):
-    """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind."""
+    """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind ("none",
+    "class", "text", or "text_time" for SDXL-class UNets, which also take pooled embeddings and time_ids)."""
     if getattr(unet.config, "num_class_embeds", None):
         n = unet.config.num_class_embeds
         return (lambda seeds: Conditioning(class_labels=class_labels(seeds, n))), "class"
@@ -52,29 +53,52 @@ def conditioning_source(cfg, unet, device=None):
     if cfg.prompts is None:
         raise ModelFolderError(f"{cfg.model}: {type(unet).__name__} is text-conditional; set prompts=FILE "
                                "(text, JSONL or a saved datasets folder)")
-    prompts = load_prompts(cfg.prompts)
-    pipe = _load_text_pipeline(cfg.model)
-    pipe.text_encoder.to(device)
-    guided = cfg.guidance_scale != 1.0
+    return text_conditioning(cfg.model, unet, load_prompts(cfg.prompts), cfg.seed, cfg.guidance_scale,
+                             cfg.negative_prompt, device)
+
+
+def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, guidance_scale: float,
+                      negative_prompt: str, device=None):
+    """(batch_seeds → Conditioning, kind) from the pipeline folder's own text encoders: seed s gets prompt
+    (s - first_seed) mod len(prompts)."""
+    device = device or torch.device("cpu")
+    pipe = _load_text_pipeline(model)
+    for name in ("text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(device)
+    guided = guidance_scale != 1.0
+    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    if text_time:  # SDXL's default micro-conditioning: generated at full size, uncropped
+        _, h, w = sample_shape(unet)
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        time_ids = torch.tensor([h * scale, w * scale, 0, 0, h * scale, w * scale], dtype=torch.float32)
 
     def cond_for(seeds):
-        texts = [prompts[(s - cfg.seed) % len(prompts)] for s in seeds]
+        texts = [prompts[(s - first_seed) % len(prompts)] for s in seeds]
         with torch.no_grad():
-            emb, neg = pipe.encode_prompt(prompt=texts, device=device or torch.device("cpu"), num_images_per_prompt=1,
-                                          do_classifier_free_guidance=guided,
-                                          negative_prompt=[cfg.negative_prompt] * len(texts) if guided else None)
-        return Conditioning(encoder_hidden_states=emb, negative_encoder_hidden_states=neg if guided else None,
-                            guidance_scale=cfg.guidance_scale)
+            encoded = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=guided,
+                                         # "" leaves the negative to the pipeline's default, as sampling
+                                         # does (SDXL: zeros when force_zeros_for_empty_prompt)
+                                         negative_prompt=[negative_prompt] * len(texts) if guided and negative_prompt
+                                         else None)
+        emb, neg = encoded[0], encoded[1] if guided else None
+        if not text_time:
+            return Conditioning(encoder_hidden_states=emb, negative_encoder_hidden_states=neg,
+                                guidance_scale=guidance_scale)
+        if len(encoded) != 4:
+            raise ModelFolderError(f"{model}: the UNet takes pooled text embeddings (addition_embed_type text_time) "
+                                   f"but {type(pipe).__name__}.encode_prompt returns {len(encoded)} values, not 4")
+        return Conditioning(encoder_hidden_states=emb, negative_encoder_hidden_states=neg,
+                            guidance_scale=guidance_scale, text_embeds=encoded[2],
+                            negative_text_embeds=encoded[3] if guided else None,
+                            time_ids=time_ids.to(emb.device).expand(len(seeds), -1))
 
-    return cond_for, "text"
+    return cond_for, "text_time" if text_time else "text"
 
 
 def _per_sample(cond: Conditioning | None, seeds: list[int]) -> dict[int, Conditioning]:
-    if cond is None:
-        return {}
-    pick = lambda v, j: None if v is None else v[j]  # noqa: E731
-    return {s: Conditioning(pick(cond.encoder_hidden_states, j), pick(cond.negative_encoder_hidden_states, j),
-                            pick(cond.class_labels, j), cond.guidance_scale) for j, s in enumerate(seeds)}
+    return {} if cond is None else {s: cond.select(j) for j, s in enumerate(seeds)}
 
 
 def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lambda: None) -> dict | None:
@@ -92,7 +116,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
     device = resolve_device(cfg.device)
     unet = load_unet(cfg.model).eval().to(device)
     if rank == 0:
-        logger.info(f"recording on {device}")
+        logger.info(f"recording on {device}, {cfg.precision}")
     scheduler = load_scheduler(cfg.model, cfg.scheduler)
     cond_for, conditioning = conditioning_source(cfg, unet, device)
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
@@ -111,8 +135,9 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
             conds.update(_per_sample(cond, batch_seeds))
             return cond
 
-        _, records = record_trajectories(unet, scheduler, chunk, cfg.num_steps, len(chunk), cfg.eta, None,
-                                         batch_cond if cond_for else None)
+        with autocast(device, cfg.precision):
+            _, records = record_trajectories(unet, scheduler, chunk, cfg.num_steps, len(chunk), cfg.eta, None,
+                                             batch_cond if cond_for else None)
         keep = {s: selected_steps(cfg, s) for s in chunk}
         write_shard(out, i, rows_from_records(records, keep, conds))
     seconds = time.time() - t0
@@ -129,7 +154,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         "selection": {"mode": cfg.selection, "every": cfg.every, "random_per_sample": cfg.random_per_sample},
         "conditioning": conditioning, "guidance_scale": cfg.guidance_scale,
         "prompts": cfg.prompts, "negative_prompt": cfg.negative_prompt,
-        "shapes": {"x_t": [c, h, w], "noise_pred": [c, h, w]}, "dtype": "float32",
+        "shapes": {"x_t": [c, h, w], "noise_pred": [c, h, w]}, "dtype": "float32", "precision": cfg.precision,
         "recorded_by": {"world_size": world_size, "seconds_rank0": seconds},
     }
     return write_manifest(out, len(batches), info)

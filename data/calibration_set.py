@@ -13,7 +13,11 @@ already on disk are kept.
 
 Rows are one UNet input each: sample_id (the seed), step, timestep, x_t, the FP noise prediction (the
 guided one under classifier-free guidance), and the conditioning when the model takes one: class_label,
-or encoder_hidden_states plus negative_encoder_hidden_states for guidance.
+or encoder_hidden_states plus negative_encoder_hidden_states for guidance; SDXL-class UNets also text_embeds
+(pooled), negative_text_embeds and time_ids.
+
+Format 2 (this version) lists the row columns in the manifest ("columns"); format 1 folders, which predate
+the SDXL columns, still load.
 """
 from __future__ import annotations
 
@@ -31,7 +35,12 @@ from ..errors import CalibrationSetError  # noqa: F401 (raised here; defined wit
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+# the conditioning columns a row may carry, by the Conditioning field they hold
+COND_COLUMNS = {"class_label": "class_labels", "encoder_hidden_states": "encoder_hidden_states",
+                "negative_encoder_hidden_states": "negative_encoder_hidden_states", "text_embeds": "text_embeds",
+                "negative_text_embeds": "negative_text_embeds", "time_ids": "time_ids"}
 
 
 
@@ -69,9 +78,8 @@ def rows_from_records(records: list[StepRecord], keep: dict[int, set[int]] | Non
             rows["noise_pred"].append(r.noise_pred[j].float().cpu().numpy())
             cond = cond_rows.get(seed) if cond_rows else None
             if cond is not None:
-                for key, value in (("class_label", cond.class_labels),
-                                   ("encoder_hidden_states", cond.encoder_hidden_states),
-                                   ("negative_encoder_hidden_states", cond.negative_encoder_hidden_states)):
+                for key, attr in COND_COLUMNS.items():
+                    value = getattr(cond, attr)
                     if value is not None:
                         value = int(value) if key == "class_label" else value.float().cpu().numpy()
                         rows.setdefault(key, []).append(value)
@@ -108,7 +116,9 @@ def write_manifest(root: str | Path, num_shards: int, info: dict) -> dict:
             raise CalibrationSetError(f"shard {path} was not written (a rank failed?); run again to resume")
         rows = len(datasets.load_from_disk(str(path)))
         shards.append({"name": shard_name(i), "rows": rows, "files": _shard_files(path)})
-    manifest = {"format": FORMAT_VERSION, **info, "num_rows": sum(s["rows"] for s in shards), "shards": shards}
+    columns = list(datasets.load_from_disk(str(root / SHARDS / shard_name(0))).column_names) if num_shards else []
+    manifest = {"format": FORMAT_VERSION, **info, "columns": columns, "num_rows": sum(s["rows"] for s in shards),
+                "shards": shards}
     tmp = root / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, root / MANIFEST)
@@ -123,7 +133,7 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except ValueError as e:
         raise CalibrationSetError(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise CalibrationSetError(f"{path}: unsupported format {manifest.get('format')!r}")
     return manifest
 
@@ -137,23 +147,27 @@ def check_model(manifest: dict, model_hash: str, root: str | Path) -> None:
 
 def load_shards(root: str | Path, rank: int = 0, world_size: int = 1, model_hash: str | None = None
                 ) -> datasets.Dataset:
-    """This rank's shards (shard i belongs to rank i % world_size), verified against the manifest, as one
-    torch-formatted dataset."""
-    return datasets.concatenate_datasets(load_shard_list(root, rank, world_size, model_hash)).with_format("torch")
+    """The shards recorded by `rank` of `world_size` (shard i by rank i % world_size), verified against the
+    manifest, as one torch-formatted dataset."""
+    count = len(read_manifest(root)["shards"])
+    if count < world_size:
+        raise CalibrationSetError(f"{root} has {count} shards, fewer than the {world_size} ranks")
+    return datasets.concatenate_datasets(load_shard_list(root, model_hash, range(rank, count, world_size))
+                                         ).with_format("torch")
 
 
-def load_shard_list(root: str | Path, rank: int = 0, world_size: int = 1, model_hash: str | None = None
-                    ) -> list[datasets.Dataset]:
-    """This rank's shards, each its own torch-formatted dataset, in shard order."""
+def load_shard_list(root: str | Path, model_hash: str | None = None, indices=None) -> list[datasets.Dataset]:
+    """The shards numbered `indices` (all when None), each its own torch-formatted dataset verified against
+    the manifest, in the order given."""
     root = Path(root)
     manifest = read_manifest(root)
     if model_hash is not None:
         check_model(manifest, model_hash, root)
-    if len(manifest["shards"]) < world_size:
-        raise CalibrationSetError(f"{root} has {len(manifest['shards'])} shards, fewer than the {world_size} ranks "
-                                  "that must each read their own; record with a smaller batch_size")
+    listed = manifest["shards"]
+    indices = range(len(listed)) if indices is None else indices
     parts = []
-    for shard in manifest["shards"][rank::world_size]:
+    for i in indices:
+        shard = listed[i]
         path = root / SHARDS / shard["name"]
         if not path.is_dir():
             raise CalibrationSetError(f"shard {path} listed in the manifest is missing")
@@ -183,4 +197,10 @@ def to_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                                                      batch["encoder_hidden_states"]])
         else:
             kw["encoder_hidden_states"] = batch["encoder_hidden_states"]
+    if "text_embeds" in batch:  # SDXL-class: the guidance halves share time_ids, as in diffusers' pipeline
+        guided = "negative_text_embeds" in batch
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.cat([batch["negative_text_embeds"], batch["text_embeds"]]) if guided
+            else batch["text_embeds"],
+            "time_ids": torch.cat([batch["time_ids"]] * 2) if guided else batch["time_ids"]}
     return kw

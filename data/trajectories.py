@@ -48,35 +48,64 @@ def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
 @dataclass
 class Conditioning:
     """What a conditional UNet is given besides (x_t, t), per sample. Guidance (scale > 1 with a negative
-    embedding) runs the unconditional and conditional halves in one batch of 2B, as diffusers pipelines do."""
+    embedding) runs the unconditional and conditional halves in one batch of 2B, as diffusers pipelines do.
+    SDXL-class UNets (addition_embed_type "text_time") also take the pooled text embedding and the
+    micro-conditioning `time_ids` as `added_cond_kwargs`."""
 
     encoder_hidden_states: torch.Tensor | None = None  # [B, L, D]
     negative_encoder_hidden_states: torch.Tensor | None = None  # [B, L, D]
     class_labels: torch.Tensor | None = None  # [B]
     guidance_scale: float = 1.0
-    extra: dict = field(default_factory=dict)
+    text_embeds: torch.Tensor | None = None  # [B, P] pooled (SDXL)
+    negative_text_embeds: torch.Tensor | None = None  # [B, P]
+    time_ids: torch.Tensor | None = None  # [B, 6]: original size, crop top-left, target size (SDXL)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0 and self.negative_encoder_hidden_states is not None
 
     def model_kwargs(self) -> dict:
-        kw = dict(self.extra)
+        kw = {}
         if self.class_labels is not None:
             kw["class_labels"] = self.class_labels
         if self.encoder_hidden_states is not None:
             kw["encoder_hidden_states"] = (torch.cat([self.negative_encoder_hidden_states, self.encoder_hidden_states])
                                            if self.guided else self.encoder_hidden_states)
+        if self.text_embeds is not None:  # the negative half's time_ids are the positive's, as in diffusers
+            kw["added_cond_kwargs"] = {
+                "text_embeds": torch.cat([self.negative_text_embeds, self.text_embeds]) if self.guided
+                else self.text_embeds,
+                "time_ids": torch.cat([self.time_ids] * 2) if self.guided else self.time_ids}
         return kw
+
+    def select(self, j: int) -> "Conditioning":
+        """Sample j's conditioning: each tensor indexed by j (one calibration row's values)."""
+        pick = lambda v: None if v is None else v[j]  # noqa: E731
+        return Conditioning(pick(self.encoder_hidden_states), pick(self.negative_encoder_hidden_states),
+                            pick(self.class_labels), self.guidance_scale, pick(self.text_embeds),
+                            pick(self.negative_text_embeds), pick(self.time_ids))
+
+
+def to_device(value, device):
+    """Tensors in `value` (nested dicts, lists, tuples) moved to `device`."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def predict_noise(unet, model_input: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
     """The (guided) noise prediction the sampler uses."""
     if cond is None:
         return unet(model_input, t).sample
-    kwargs = {k: v.to(model_input.device) if torch.is_tensor(v) else v for k, v in cond.model_kwargs().items()}
+    kwargs = to_device(cond.model_kwargs(), model_input.device)
     if not cond.guided:
         return unet(model_input, t, **kwargs).sample
+    if torch.is_tensor(t) and t.dim() == 1:  # per-sample timesteps: both halves
+        t = torch.cat([t, t])
     uncond, text = unet(torch.cat([model_input, model_input]), t, **kwargs).sample.chunk(2)
     return uncond + cond.guidance_scale * (text - uncond)
 
@@ -113,6 +142,7 @@ class StepRecord:
     sample: torch.Tensor  # [B, C, H, W], the UNet's input
     noise_pred: torch.Tensor  # [B, C, H, W]
     seeds: list[int] = field(default_factory=list)
+    cond: Conditioning | None = None  # the batch's conditioning (a guided prediction runs both halves)
 
 
 def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int = 16,
@@ -129,8 +159,7 @@ def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, b
         def on_step(i, t, model_input, eps):
             if keep is None or i in keep:
                 records.append(StepRecord(i, torch.full((len(chunk),), float(t), device=model_input.device),
-                                          model_input.clone(), eps.clone(),
-                                          list(chunk)))
+                                          model_input.clone(), eps.clone(), list(chunk), cond))
 
         generator = step_generator(chunk)
         cond = cond_for(chunk) if cond_for is not None else None

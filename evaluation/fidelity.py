@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.trajectories import to_device
 from ..quantizers import block_output
 
 
@@ -25,9 +26,8 @@ def noise_pred_mse(qunet, calls) -> dict[int, float]:
     trajectory's own inputs; `calls` yields (step, args, kwargs, FP noise prediction)."""
     per_step: dict[int, list[float]] = {}
     device = next(qunet.parameters()).device  # the calls may have been recorded on another device
-    move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
     for step, args, kwargs, fp_pred in calls:
-        out = qunet(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+        out = qunet(*to_device(list(args), device), **to_device(kwargs, device))
         pred = out[0] if isinstance(out, tuple) else out.sample
         fp_pred = fp_pred.to(pred.device)
         per_step.setdefault(step, []).append((pred - fp_pred).pow(2).mean().item())

@@ -8,22 +8,22 @@ quantized UNet swapped in and each sample's latents given explicitly.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Sequence
 
 import torch
 from ..data.trajectories import (Conditioning, class_labels, run_sampler, sample_shape, seed_batches, seeded_noise,
                                  step_generator)
+from ..distributed_env import rank_environment
 from ..progress import progress
 from .fidelity import noise_pred_mse
 
 
 def init_eval_distributed() -> tuple[int, int]:
-    """(rank, world size): a gloo group under torchrun, no group for a plain run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+    """(rank, world size): a gloo group under torchrun or srun, no group for a plain run."""
+    with rank_environment() as (rank, world):
+        if world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+    return (rank, world)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

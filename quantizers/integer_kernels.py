@@ -8,6 +8,9 @@ oneDNN through PyTorch's x86 ops: uint8 activations (per-tensor scale and zero p
 """
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 BACKEND = "oneDNN (torch.ops.onednn, x86)"
@@ -20,6 +23,30 @@ def unavailable_reason() -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "PyTorch was built without oneDNN (mkldnn)"
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str] | None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if line is None else frozenset(line.split(":", 1)[1].split())
+
+
+def saturation_reason(flags: frozenset[str] | None = None) -> str | None:
+    """Why the int8 products may be inexact on this CPU (or one with x86 `flags`), or None (exact, or unknown).
+    Without VNNI (AVX-512 VNNI, AVX-VNNI or AMX), oneDNN's x86 int8 path adds pairs of u8·s8 products in int16
+    (vpmaddubsw), which saturates past 32767: 8-bit activation codes near 255 times weights near ±127 do (seen
+    on an AVX2-only machine: 33 % error on the bench teacher's time-embedding layer)."""
+    flags = _cpu_flags() if flags is None else flags
+    if flags is None or {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
+        return None
+    return ("this CPU has no VNNI (AVX-512 VNNI, AVX-VNNI or AMX): oneDNN's int8 path sums u8·s8 pairs in int16, "
+            "which saturates, so integer mode can differ from simulated")
 
 
 def quantize_activation(x: torch.Tensor, inv_scale: torch.Tensor, zero: float, top: int) -> torch.Tensor:

@@ -166,4 +166,7 @@ def to_integer(model: nn.Module) -> dict:
     for why, names in report["simulated"].items():
         warnings.warn(f"qdistill integer mode: {why}; {len(names)} module(s) run simulated "
                       f"(e.g. {names[0]})", stacklevel=2)
+    if report["integer"] and (why := kernels.saturation_reason()) is not None:
+        report["saturation_risk"] = why
+        warnings.warn(f"qdistill integer mode: {why}; mode=simulated gives the model's own numbers", stacklevel=2)
     return report

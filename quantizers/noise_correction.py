@@ -162,13 +162,14 @@ def estimate_noise_correction(eps_fp: torch.Tensor, eps_q: torch.Tensor, timeste
 @torch.no_grad()
 def measure_noise_correction(qunet: torch.nn.Module, records: Iterable) -> NoiseCorrection:
     """Run the quantized UNet on FP trajectory inputs (`StepRecord`s of `record_trajectories(...,
-    keep_steps=None)`: `.sample`, `.timestep`, `.noise_pred`) and estimate the statistics.
+    keep_steps=None)`: `.sample`, `.timestep`, `.noise_pred`, `.cond`) and estimate the statistics. With
+    conditioning, the prediction measured is the one the sampler uses (the guided one under guidance)."""
+    from ..data.trajectories import predict_noise
 
-    Unconditional models only: the records hold no conditioning."""
     moments = NoiseMoments()
     device = next(qunet.parameters()).device
     for record in records:
-        out = qunet(record.sample.to(device), record.timestep.to(device))
-        eps_q = out[0] if isinstance(out, tuple) else out.sample
+        cond = getattr(record, "cond", None)
+        eps_q = predict_noise(qunet, record.sample.to(device), record.timestep.to(device), cond)
         moments.add(record.noise_pred, eps_q, record.timestep)
     return moments.estimate()

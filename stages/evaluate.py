@@ -24,7 +24,7 @@ import torch
 
 from ..configs.schema import EvalConfig
 from ..data.model_folder import convert_scheduler, load_scheduler, load_unet, model_hash, scheduler_from_file
-from ..devices import resolve_device
+from ..devices import autocast, resolve_device
 from ..errors import ConfigError, ExportError
 from ..evaluation.fidelity import psnr, save_grid
 from ..evaluation.reference_cache import default_cache_dir, load_reference, reference_key, save_reference
@@ -93,13 +93,14 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         log(f"quantized samples with PTQD noise correction ({meta['noise_correction']['steps']} measured steps); "
             "FP reference with the plain scheduler")
     log(f"{meta['recipe']} {bits} from {cfg.model} ({cfg.mode} on {q_device}; FP reference on {device}); "
-        f"{cfg.num_samples} seeds from {cfg.seed}, {sampler}, {world} rank(s)")
+        f"{cfg.num_samples} seeds from {cfg.seed}, {sampler}, {world} rank(s), {cfg.precision}")
 
     # 2. quantized samples
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
     t0 = time.time()
-    q_images = sample_across_ranks(qunet, q_scheduler, seeds, cfg.steps, cfg.batch_size, cfg.eta, rank, world,
-                                   desc=f"{bits} samples", **pipe_kwargs)
+    with autocast(q_device, cfg.precision if cfg.mode == "simulated" else "fp32"):  # int8 kernels: as they are
+        q_images = sample_across_ranks(qunet, q_scheduler, seeds, cfg.steps, cfg.batch_size, cfg.eta, rank, world,
+                                       desc=f"{bits} samples", **pipe_kwargs)
     sampling_seconds = time.time() - t0
 
     # 3. FP reference, cached
@@ -108,6 +109,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         settings = {"model_hash": model_hash(cfg.reference), "scheduler": dict(scheduler.config), "steps": cfg.steps,
                     "eta": cfg.eta, "seeds": [cfg.seed, cfg.num_samples], "batch_size": cfg.batch_size,
                     "fidelity_samples": cfg.fidelity_samples, "guidance_scale": cfg.guidance_scale,
+                    "precision": cfg.precision,
                     "prompts": hashlib.sha256("\n".join(pipe_kwargs.get("prompts", [])).encode()).hexdigest()}
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         key = reference_key(settings)
@@ -116,12 +118,13 @@ def evaluate(cfg: EvalConfig) -> dict | None:
             fp_images, calls = cached
             log(f"FP reference from cache {cache_dir / key}")
         else:
-            fp_images = sample_across_ranks(fp, scheduler, seeds, cfg.steps, cfg.batch_size, cfg.eta, rank, world,
-                                            desc="FP samples", **pipe_kwargs)
-            calls = []
-            if rank == 0:
-                with recorded_calls(fp, calls):
-                    sample_batch(fp, scheduler, seeds[:cfg.fidelity_samples], cfg.steps, cfg.eta, **pipe_kwargs)
+            with autocast(device, cfg.precision):
+                fp_images = sample_across_ranks(fp, scheduler, seeds, cfg.steps, cfg.batch_size, cfg.eta, rank,
+                                                world, desc="FP samples", **pipe_kwargs)
+                calls = []
+                if rank == 0:
+                    with recorded_calls(fp, calls):
+                        sample_batch(fp, scheduler, seeds[:cfg.fidelity_samples], cfg.steps, cfg.eta, **pipe_kwargs)
                 save_reference(cache_dir, key, settings, fp_images, calls)
                 log(f"FP reference cached in {cache_dir / key}")
 
@@ -130,11 +133,14 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         metrics = {"model": cfg.model, "recipe": meta["recipe"], "bits": bits, "mode": cfg.mode,
                    "sampler": sampler, "num_samples": cfg.num_samples, "seeds": [cfg.seed, cfg.seed + cfg.num_samples],
                    "ptqd_noise_correction": ptqd, "world_size": world, "device": str(q_device),
+                   "precision": cfg.precision,
                    "sampling_seconds": round(sampling_seconds, 2),
                    "export_file_bytes": meta["size"]["file_bytes"]}
         if cfg.mode == "integer":
             report = qunet.qdistill_export["integer_report"]
             metrics["integer_layers"] = len(report["integer"])
+            if "saturation_risk" in report:
+                metrics["integer_saturation_risk"] = report["saturation_risk"]
             metrics["simulated_modules"] = sum(len(v) for v in report["simulated"].values())
         metrics.update(compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs))
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -185,7 +191,9 @@ def compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs) -> dict
     if fp is not None:
         metrics["psnr_db"] = float(psnr(q, fp).mean())
         metrics["ssim"] = float(structural_similarity_index_measure((q + 1) / 2, (fp + 1) / 2, data_range=1.0))
-        per_step = noise_pred_mse_per_step(qunet, calls, cfg.steps)
+        q_device = next(qunet.parameters()).device
+        with autocast(q_device, cfg.precision if cfg.mode == "simulated" else "fp32"):  # as the samples were made
+            per_step = noise_pred_mse_per_step(qunet, calls, cfg.steps)
         metrics["noise_pred_mse_mean"] = sum(per_step.values()) / len(per_step)
         metrics["noise_pred_mse_per_step"] = per_step
     if cfg.clip and pipe_kwargs:

@@ -29,8 +29,11 @@ from pathlib import Path
 from ..configs import to_dict
 from ..configs.schema import ExportConfig
 from ..data.model_folder import load_scheduler, load_unet, model_hash
-from ..data.trajectories import record_trajectories, seed_batches
-from ..devices import resolve_device
+from ..data.calibration import text_conditioning
+from ..data.calibration_set import read_manifest
+from ..data.prompts import load_prompts
+from ..data.trajectories import Conditioning, class_labels, record_trajectories, seed_batches
+from ..devices import autocast, resolve_device
 from ..errors import CheckpointError, ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
 from ..export.quantized import META_FILE, read_quantized_meta
@@ -64,15 +67,22 @@ def export(cfg: ExportConfig) -> dict:
     recipe = cfg.recipe or (f"{trained}+ptqd" if cfg.noise_correction else trained)
     extra = {"run": str(run), "trained_recipe": trained, "export_config": to_dict(cfg)}
     correction = None
+    if cfg.mixed_precision.enabled and (getattr(model.config, "cross_attention_dim", None)
+                                        or getattr(model.config, "num_class_embeds", None)):
+        raise ExportError("mixed_precision.enabled=true supports unconditional models only (its plan samples without "
+                          "conditioning); noise_correction=true alone measures conditional models")
     if cfg.noise_correction or cfg.mixed_precision.enabled:
-        fp, records, scheduler = fp_trajectories(model, meta, cfg)
+        with autocast(device, cfg.precision):
+            fp, records, scheduler = fp_trajectories(model, meta, cfg)
         measured_on = {"source_model": meta["source_model"], **to_dict(cfg.measure),
-                       "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated"}
+                       "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated",
+                       "precision": cfg.precision}
         if cfg.mixed_precision.enabled:
             plan = mix_precision(model, fp, meta, records, scheduler, cfg)
             extra["step_bits"] = {**plan.to_dict(), "measured_on": measured_on, "budget": cfg.mixed_precision.bops_budget}
         if cfg.noise_correction:  # measured on the model as exported, mixed precision included
-            correction = measure_run_noise(model, records)
+            with autocast(device, cfg.precision):
+                correction = measure_run_noise(model, records)
             extra["noise_correction_measured_on"] = measured_on
     size = export_model(model, out, recipe=recipe,
                         source_model=meta.get("source_model"), source_model_hash=meta.get("source_model_hash"),
@@ -89,10 +99,8 @@ def export(cfg: ExportConfig) -> dict:
 
 
 def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list, object]:
-    """The run's source (FP) model, its sampler trajectories (every step kept) and that sampler's scheduler."""
-    if getattr(model.config, "cross_attention_dim", None):
-        raise ExportError("noise_correction and mixed_precision support unconditional models only (the "
-                          "trajectories hold no text conditioning)")
+    """The run's source (FP) model, its sampler trajectories (every step kept, with the conditioning the run
+    was calibrated with) and that sampler's scheduler."""
     if not meta.get("source_model"):
         raise ExportError("the run's quantized model records no source model; PTQD's measurements need the FP model")
     recorded_hash = meta.get("source_model_hash")
@@ -100,15 +108,39 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
         raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
                           "one the run recorded): its trajectories would not measure this quantized model")
     m = cfg.measure
-    fp = load_unet(meta["source_model"]).eval().to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    fp = load_unet(meta["source_model"]).eval().to(device)
     scheduler = load_scheduler(meta["source_model"], m.scheduler)
+    cond_for = measurement_conditioning(fp, meta, m.seed, device)
     seeds = list(range(m.seed, m.seed + m.samples))
     logger.info(f"PTQD: {m.samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "
-                f"eta={m.eta}, all steps measured")
+                f"eta={m.eta}, all steps measured, {cfg.precision}")
     records = [record for chunk in seed_batches(seeds, m.batch_size)
                for record in record_trajectories(fp, scheduler, chunk, m.steps, m.batch_size, m.eta,
-                                                 keep_steps=None)[1]]
+                                                 keep_steps=None, cond_for=cond_for)[1]]
     return fp, records, scheduler
+
+
+def measurement_conditioning(fp, meta: dict, first_seed: int, device):
+    """batch_seeds → Conditioning for PTQD's trajectories: class labels as calibration draws them, or the
+    prompts, guidance and negative prompt the run's trajectories were recorded with (None: unconditional)."""
+    if getattr(fp.config, "num_class_embeds", None):
+        n = fp.config.num_class_embeds
+        return lambda seeds: Conditioning(class_labels=class_labels(seeds, n))
+    if getattr(fp.config, "cross_attention_dim", None) is None:
+        return None
+    trajectories = (meta.get("run_config") or {}).get("trajectories")
+    if not trajectories:
+        raise ExportError("a text-conditional run needs its trajectories folder (its prompts and guidance) for PTQD's "
+                          "measurements; the quantized model records none")
+    manifest = read_manifest(trajectories)
+    prompts = manifest.get("prompts")
+    if not prompts or not Path(prompts).exists():
+        raise ExportError(f"the prompts {prompts!r} that {Path(trajectories) / 'manifest.json'} was recorded with are "
+                          "not found; PTQD measures the model on them")
+    cond_for, _ = text_conditioning(meta["source_model"], fp, load_prompts(prompts), first_seed,
+                                    manifest.get("guidance_scale", 1.0), manifest.get("negative_prompt", ""), device)
+    return cond_for
 
 
 def mix_precision(model, fp, meta: dict, records: list, scheduler, cfg: ExportConfig) -> StepBits:

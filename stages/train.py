@@ -28,12 +28,14 @@ from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
 from ..data.model_folder import load_scheduler, load_unet, model_hash
 from ..devices import autocast
+from ..distributed_env import check_shared_folders
 from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
 from ..trainer.distill import BlockDistiller
 from ..trainer.launch import init_distributed, load_deepspeed_config, release_distributed
 from ..trainer.recipes import recipe_phases
+from ..trainer.row_plan import rank_share
 from ..trainer.run_state import CHECKPOINT
 from ..trainer.student import build_student
 
@@ -56,16 +58,19 @@ def train(cfg: TrainConfig) -> dict | None:
 def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int, device) -> dict | None:
     out = Path(cfg.out)
     log = logger.info if rank == 0 else (lambda msg: None)
-    # 1. the FP model and the calibration shards
+    # 1. the FP model and the calibration shards (first: every rank sees the one OUT and trajectories folder, or
+    # all stop with the same error, rather than resume from different checkpoints and hang)
+    check_shared_folders({"trajectories": Path(cfg.trajectories)}, rank, world_size, write={"out": out})
     fp = load_unet(cfg.model).eval().to(device)  # fp32 weights; precision=bf16 runs the forwards under autocast
     source_hash = model_hash(cfg.model)
     manifest = read_manifest(cfg.trajectories)
-    shards = load_shard_list(cfg.trajectories, rank, world_size, source_hash)
-    shard_ids = list(range(rank, len(manifest["shards"]), world_size))
-    all_shards = shards if world_size == 1 else load_shard_list(cfg.trajectories, 0, 1, source_hash)
+    share = rank_share([s["rows"] for s in manifest["shards"]], cfg.distill.batch_size, rank, world_size)
+    # every rank opens all shards (memory-mapped): the TPQ init reads rows of each; training reads the few its
+    # slice of every batch covers (trainer/row_plan.py)
+    all_shards = load_shard_list(cfg.trajectories, source_hash)
     log(f"{type(fp).__name__} from {cfg.model}; {manifest['num_rows']} calibration rows in "
         f"{len(manifest['shards'])} shards; {world_size} rank(s) on {device}, {cfg.precision}; {cfg.quant.tag} "
-        f"{cfg.recipe}")
+        f"{cfg.recipe}; rank 0 trains on shards {', '.join(str(sid) for sid, _, _ in share)}")
     if cfg.overwrite and rank == 0:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     if world_size > 1:
@@ -87,7 +92,8 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, shard_ids, len(manifest["shards"]),
+    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, all_shards, list(range(len(all_shards))),
+                               [s["rows"] for s in manifest["shards"]],
                                cfg.distill, ds_config, out, rank, world_size, writer,
                                run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
                                            "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),

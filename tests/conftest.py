@@ -78,15 +78,12 @@ def demo_pipeline_dir(tmp_path):
     return path
 
 
-def build_tiny_sd_pipeline(path):
-    """A Stable-Diffusion-shaped pipeline from random weights (UNet2DConditionModel, a tiny CLIP text model
-    with a hand-made tokenizer vocabulary, AutoencoderKL), saved with save_pretrained. Nothing downloaded."""
+def _tiny_tokenizer(folder: Path, max_length: int = 16):
+    """A CLIP tokenizer over a hand-made vocabulary: a few words, each rebuilt from its characters by merges."""
     import json
 
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    torch.manual_seed(0)
     words = ["a", "photo", "of", "red", "blue", "shoe", "bag", "dress", "coat", "shirt"]
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for w in words:
@@ -94,9 +91,7 @@ def build_tiny_sd_pipeline(path):
     for ch in "abcdefghijklmnopqrstuvwxyz":
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    tok_dir = Path(path) / "_tokenizer_src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
     merges = ["#version: 0.2"]
     for w in words:  # merges that rebuild each word from its characters
         pieces = list(w[:-1]) + [w[-1] + "</w>"]
@@ -104,27 +99,79 @@ def build_tiny_sd_pipeline(path):
             merges.append(f"{pieces[0]} {pieces[1]}")
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=32,
-                                                num_attention_heads=2, num_hidden_layers=2,
-                                                max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1)).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 8],
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
-    unet = UNet2DConditionModel(**{**UNET_COND_CONFIGS["xattn-lpb1"], "sample_size": 8})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def _tiny_text_config(vocab_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=24, intermediate_size=32, num_attention_heads=2,
+                          num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **extra)
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], block_out_channels=[8, 8],
+                         latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=16)
+
+
+def _like_trained(unet):
     with torch.no_grad():  # like trained weights: no norm bias left at exactly zero (see tiny_unet)
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return unet
+
+
+def build_tiny_sd_pipeline(path):
+    """A Stable-Diffusion-shaped pipeline from random weights (UNet2DConditionModel, a tiny CLIP text model
+    with a hand-made tokenizer vocabulary, AutoencoderKL), saved with save_pretrained. Nothing downloaded."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer(Path(path) / "_tokenizer_src")
+    text_encoder = CLIPTextModel(_tiny_text_config(len(tokenizer))).eval()
+    vae = _tiny_vae()
+    unet = _like_trained(UNet2DConditionModel(**{**UNET_COND_CONFIGS["xattn-lpb1"], "sample_size": 8}))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(path)
+    shutil.rmtree(Path(path) / "_tokenizer_src")
+    return Path(path)
+
+
+def build_tiny_sdxl_pipeline(path):
+    """An SDXL-shaped pipeline from random weights: two CLIP text encoders (the second with a projection, whose
+    pooled output the UNet takes with the time_ids through addition_embed_type "text_time"), their
+    hidden states concatenated as the cross-attention context. Saved with save_pretrained; nothing downloaded."""
     import shutil
 
-    shutil.rmtree(tok_dir)
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_tokenizer(Path(path) / "_tokenizer_src")
+    text_encoder = CLIPTextModel(_tiny_text_config(len(tokenizer))).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(len(tokenizer), projection_dim=16)).eval()
+    unet = _like_trained(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=48, attention_head_dim=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                     scheduler=EulerDiscreteScheduler(), force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.save_pretrained(path)
+    shutil.rmtree(Path(path) / "_tokenizer_src")
     return Path(path)
 
 
@@ -174,6 +221,24 @@ def launch(args: list[str], nproc: int = 1, extra_torchrun: tuple = (), wait: bo
         return proc
     out, _ = proc.communicate(timeout=600)
     return proc.returncode, out
+
+
+def launch_srun(args: list[str], ntasks: int) -> tuple[int, str]:
+    """`qdistill train` as `srun --ntasks=N python -m qdistill train ...` starts it on one node: N plain
+    processes that know their rank only from SLURM_* variables (no torchrun, no RANK)."""
+    from qdistill.distributed_env import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT") and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", SLURM_JOB_ID=str(free_port()),
+               SLURM_STEP_ID="0", SLURM_NTASKS=str(ntasks), SLURM_STEP_NUM_TASKS=str(ntasks),
+               SLURM_STEP_NODELIST="localhost", SLURM_JOB_NODELIST="localhost")
+    procs = [subprocess.Popen([sys.executable, *TRAIN, *args], env={**env, "SLURM_PROCID": str(i),
+                                                                    "SLURM_LOCALID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+             for i in range(ntasks)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    return max(p.returncode for p in procs), "\n".join(logs)
 
 
 def trained_state(out: Path) -> dict[str, torch.Tensor]:

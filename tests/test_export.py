@@ -10,12 +10,14 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 from conftest import REPO, build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.export import EXPORT_FILE, ExportError, export_model, load_exported
 from qdistill.quantizers import QuantConfig, calibrate_, quantize_, set_timesteps
-from qdistill.quantizers.integer_kernels import unavailable_reason
+from qdistill.quantizers.integer_kernels import saturation_reason, unavailable_reason
 from qdistill.quantizers.integer_layers import IntegerLayer
 from qdistill.quantizers.layers import QUANT_LAYERS
 from qdistill.quantizers.packing import pack_codes, unpack_codes
 
 needs_kernels = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+# integer-vs-simulated bounds hold where the kernels are exact (a CPU with VNNI)
+needs_exact_kernels = pytest.mark.skipif(saturation_reason() is not None, reason=str(saturation_reason()))
 
 
 @pytest.mark.parametrize("bits,qmin", [(4, 0), (4, -8), (3, 0), (8, 0), (8, -128), (6, -32)])
@@ -157,7 +159,14 @@ def bench_exports(tmp_path_factory):
     return fp, out
 
 
+def test_int8_saturation_is_flagged_on_cpus_without_vnni():
+    assert saturation_reason(frozenset({"avx2", "avx512f", "avx512_vnni"})) is None
+    assert saturation_reason(frozenset({"avx2", "avx_vnni"})) is None
+    assert "no VNNI" in saturation_reason(frozenset({"avx2", "fma"}))
+
+
 @needs_kernels
+@needs_exact_kernels
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
 def test_integer_layers_match_simulated_per_layer(bench_exports, bits):
     """Every layer on the same input: integer within 1e-3 relative error of simulated (the products are exact
@@ -188,6 +197,7 @@ def test_integer_layers_match_simulated_per_layer(bench_exports, bits):
 
 
 @needs_kernels
+@needs_exact_kernels
 @pytest.mark.parametrize("bits,tolerance", [((8, 8), 0.02), ((4, 4), 0.05)])
 def test_integer_model_matches_simulated_end_to_end(bench_exports, bits, tolerance):
     """Whole UNet: float-rounding differences flip codes at ties, and flips propagate through later quantizers, so
@@ -205,6 +215,7 @@ def test_integer_model_matches_simulated_end_to_end(bench_exports, bits, toleran
 
 
 @needs_kernels
+@needs_exact_kernels
 def test_integer_model_samples_in_a_diffusers_pipeline(bench_exports):
     """The loaded integer model is the `unet` of DDIMPipeline; its samples match the simulated model's."""
     _, models = bench_exports

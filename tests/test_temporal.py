@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from conftest import build_unet, calibration_batches, example_inputs
+from conftest import build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.quantizers import QuantConfig, TemporalQuantizer, calibrate_, quantize_, set_timesteps
 
 
@@ -91,7 +91,11 @@ def test_scalar_timestep_and_guidance_batch_are_routed():
     with torch.no_grad():
         both = model(**cfg_kw).sample
         cond = model(sample=kw["sample"], timestep=500, encoder_hidden_states=kw["encoder_hidden_states"]).sample
-    assert torch.allclose(both[2:], cond, atol=1e-5, rtol=1e-4)
+    # A batch of 4 and one of 2 may round differently (the CPU's conv kernels pick their blocking by batch size;
+    # seen on an AVX2-only machine, where the halves are bit-identical within one batch size), and a code at a
+    # tie then flips and spreads through the later layers. Measured there: 0.36 % apart; the same inputs at
+    # timestep 499 are 4.6 % apart, at 750 12 %.
+    assert rel_err(both[2:], cond) < 0.01
     with pytest.raises(ValueError, match="3 timesteps for a batch of 4"):
         model(sample=cfg_kw["sample"], timestep=torch.tensor([1.0, 2.0, 3.0]),
               encoder_hidden_states=cfg_kw["encoder_hidden_states"])

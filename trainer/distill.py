@@ -12,10 +12,11 @@ fit in `cache_mb`, otherwise recomputed for every batch. One DeepSpeed engine pe
 phase's parameter groups and learning rates. Before its first phase and after its last, every block's output
 MSE is measured on one fixed batch (`init_mse`, `final_mse` in the summaries).
 
-Data parallel over calibration shards: every iteration takes `batch_size / num_shards` rows from every
-shard, drawn by a pure function of (seed, block, iteration, shard), so the global batch is the same
-whatever the number of ranks, a resumed run draws what an uninterrupted one would, and each rank reads
-only its own shards. Every batch mixes timesteps; each sample uses its own timestep's quantizer row.
+Data parallel over calibration rows (trainer/row_plan.py): every iteration takes a fixed number of rows from
+every shard, drawn by a pure function of (seed, block, iteration, shard), and each rank trains on an equal slice
+of that global batch, so the batch is the same whatever the number of ranks, a resumed run draws what an
+uninterrupted one would, and each rank reads only the shards its slice covers. Every batch mixes timesteps;
+each sample uses its own timestep's quantizer row.
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from torch import nn
 
 from ..data.calibration_set import to_model_inputs
 from ..devices import autocast, cast_inputs
-from ..errors import ConfigError, DivergenceError
+from ..errors import DivergenceError
 from ..progress import progress
 from ..quantizers import Block, set_timesteps
 from .capture import RowCache, capture_block_call
 from .phases import DistillPhase, Phase, per_sample_mse
+from .row_plan import draw_rows, rank_share, rows_per_shard
 from .run_state import CHECKPOINT, DistillState, RunCheckpoint
 from .tb_logging import log_block, log_scalars
 
@@ -41,49 +43,39 @@ logger = logging.getLogger(__name__)
 EVAL_ITERATION = -1  # the rows of a block's fixed evaluation batch: drawn like an iteration no phase runs
 
 
-def shard_rows(seed: int, block_index: int, iteration: int, shard_index: int, shard_len: int, per_shard: int):
-    """Rows of one shard for one iteration: a pure function of its arguments."""
-    key = ((seed * 1_000_003 + block_index) * 1_000_003 + iteration) * 1_000_003 + shard_index
-    g = torch.Generator().manual_seed(key % (2**63))
-    return torch.randperm(shard_len, generator=g)[:per_shard]
-
-
 class BlockDistiller:
     """Train `student` (quantize_'d and calibrated) towards `teacher`, block by block, phase by phase.
 
-    `shards` are this rank's calibration shards (torch-formatted datasets) with their global indices
-    `shard_ids`; `num_shards` is the total over all ranks. `cfg` is a DistillConfig; `ds_config` the
+    `shards` are calibration shards (torch-formatted datasets) with their global indices `shard_ids`: at least
+    the ones this rank's share covers (`rank_share`); `shard_lengths` gives the rows of every shard of the set. `cfg` is a DistillConfig; `ds_config` the
     DeepSpeed config dict (batch sizes are filled in here); `phases` the recipe's (default: DilateQuant's
     one BKD phase from `cfg`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, blocks_fp: list[Block], blocks_q: list[Block],
-                 shards: list, shard_ids: list[int], num_shards: int, cfg, ds_config: dict, out: str | Path,
+                 shards: list, shard_ids: list[int], shard_lengths: list[int], cfg, ds_config: dict, out: str | Path,
                  rank: int = 0, world_size: int = 1, writer=None, run_config: dict | None = None,
                  phases: list[Phase] | None = None, precision: str = "fp32"):
         if [b.name for b in blocks_fp] != [b.name for b in blocks_q]:
             raise ValueError("teacher and student blocks differ: " f"{[b.name for b in blocks_fp]} vs {[b.name for b in blocks_q]}")
         self.teacher, self.student = teacher, student
         self.blocks_fp, self.blocks_q = blocks_fp, blocks_q
-        self.shards, self.shard_ids, self.num_shards = shards, shard_ids, num_shards
         self.cfg, self.out = cfg, Path(out)
         self.rank, self.world_size, self.writer = rank, world_size, writer
         self.run_config = run_config or {}
         self.phases = phases if phases is not None else [DistillPhase(cfg)]
         # where each phase's iterations start inside a block: its batches and TensorBoard steps
         self.phase_offsets = [sum(ph.iterations for ph in self.phases[:i]) for i in range(len(self.phases) + 1)]
-        if num_shards % world_size:
-            raise ConfigError(f"the calibration set has {num_shards} shards, not a multiple of the {world_size} ranks: "
-                             "every rank must hold the same number of shards (record it with a matching batch_size)")
-        if cfg.batch_size % num_shards:
-            raise ConfigError(f"distill.batch_size ({cfg.batch_size}) must be a multiple of the number of calibration "
-                             f"shards ({num_shards}): every iteration takes the same number of rows from each")
-        self.per_shard = cfg.batch_size // num_shards
-        short = [sid for s, sid in zip(shards, shard_ids) if len(s) < self.per_shard]
-        if short:
-            raise ConfigError(f"shard {short[0]} has fewer rows than the {self.per_shard} an iteration takes from it")
+        # this rank's slice of every iteration's batch: (shard, first, end) of each shard's draw
+        self.share = rank_share(shard_lengths, cfg.batch_size, rank, world_size)
+        self.counts, self.shard_lengths = rows_per_shard(len(shard_lengths), cfg.batch_size), shard_lengths
+        given = dict(zip(shard_ids, shards))
+        missing = [sid for sid, _, _ in self.share if sid not in given]
+        if missing:
+            raise ValueError(f"rank {rank} trains on shards {[sid for sid, _, _ in self.share]}, not given {missing}")
+        self.shards = [given[sid] for sid, _, _ in self.share]
         self.offsets = [0]
-        for s in shards:
+        for s in self.shards:
             self.offsets.append(self.offsets[-1] + len(s))
         self.ds_config = dict(ds_config)
         self.ds_config.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
@@ -91,13 +83,16 @@ class BlockDistiller:
         self.summaries: list[dict] = []
         self.current: dict = {}  # the block in progress: its initial MSE and finished phases (checkpointed)
         self.device, self.dtype = next(student.parameters()).device, next(student.parameters()).dtype
-        self.precision = precision  # bf16: every forward under autocast; parameters, loss and Adam in fp32
+        self.precision = precision  # bf16/fp16: every forward under autocast; parameters, loss and Adam in fp32
+        if precision == "fp16":  # DeepSpeed's autocast section brings a dynamic loss scaler (skips overflow steps);
+            # no module listed: gradients stay fp32 for the reduction, as the parameters are
+            self.ds_config["torch_autocast"] = {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
         self.checkpoint = RunCheckpoint(self.out, rank, world_size)
 
     # -- data ---------------------------------------------------------------------------------------
     def _rows(self, block_index: int, iteration: int) -> list[torch.Tensor]:
-        return [shard_rows(self.cfg.seed, block_index, iteration, sid, len(shard), self.per_shard)
-                for shard, sid in zip(self.shards, self.shard_ids)]
+        return [draw_rows(self.cfg.seed, block_index, iteration, sid, self.shard_lengths[sid], self.counts[sid])[a:b]
+                for sid, a, b in self.share]
 
     def _model_inputs(self, parts: list[dict]) -> dict:
         batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

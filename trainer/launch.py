@@ -1,29 +1,24 @@
-"""Process-group setup for the three ways `qdistill train` is launched: plain `python` (one process),
-`torchrun --nproc_per_node=N -m qdistill` and `deepspeed --num_gpus N --module qdistill`. torchrun and the deepspeed launcher set RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain run gets single-process defaults. Without a
-GPU, DeepSpeed runs on its CPU accelerator over gloo."""
+"""Process-group setup for the four ways `qdistill train` is launched: plain `python` (one process),
+`torchrun --nproc_per_node=N -m qdistill`, `deepspeed --num_gpus N --module qdistill` and, on Slurm,
+`srun python -m qdistill train ...` (one task per GPU). torchrun and the deepspeed launcher set RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; srun's SLURM_* variables and a plain run get them from
+distributed_env.fill_rank_environment. Without a GPU, DeepSpeed runs on its CPU accelerator over gloo."""
 from __future__ import annotations
 
 import datetime
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 from ..configs import CONFIG_DIR, ConfigError
 from ..devices import resolve_device
+from ..distributed_env import fill_rank_environment
 
 logger = logging.getLogger(__name__)
-_SET_HERE: list[str] = []  # the environment variables init_distributed set for a plain one-process run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_SET_HERE: list[str] = []  # the environment variables init_distributed set (a plain run, or srun's translation)
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
@@ -38,10 +33,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
         on_gpu = False
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the deepspeed import
-    if "RANK" not in os.environ:  # plain `python`: a one-process group
-        single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        _SET_HERE[:] = [k for k in single if k not in os.environ]
-        os.environ.update({k: single[k] for k in _SET_HERE})
+    _SET_HERE.extend(fill_rank_environment())  # nothing under torchrun or the deepspeed launcher
     device = resolve_device("cuda") if on_gpu else torch.device("cpu")  # set before NCCL makes communicators
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -65,8 +57,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
 
 
 def release_distributed() -> None:
-    """End the process group, and take back the environment a plain run set for it (a later run in the same
-    process, or a process it starts, must not inherit rank 0's address)."""
+    """End the process group, and take back the environment init_distributed set for it (a later run in the
+    same process, or a process it starts, must not inherit rank 0's address)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     for key in _SET_HERE:
@@ -91,10 +83,10 @@ def load_deepspeed_config(name: str) -> dict:
         if key in config:
             raise ConfigError(f"DeepSpeed config {path}: '{key}' is not supported here (qdistill builds the optimizer "
                               "and LR schedule from distill.*)")
-    for key in ("fp16", "bf16"):
+    for key in ("fp16", "bf16", "torch_autocast"):
         if config.get(key, {}).get("enabled"):
             raise ConfigError(f"DeepSpeed config {path}: '{key}' is not supported here (the quantizers' step sizes "
-                              "and the optimizer stay fp32; set precision=bf16 for bf16 forwards under autocast)")
+                              "and the optimizer stay fp32; set precision=bf16 or fp16 for forwards under autocast)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0, 1 or 2, got {stage}")
