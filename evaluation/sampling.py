@@ -8,6 +8,7 @@ quantized UNet swapped in and each sample's latents given explicitly.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Sequence
 
 import torch
@@ -18,12 +19,13 @@ from ..progress import progress
 from .fidelity import noise_pred_mse
 
 
-def init_eval_distributed() -> tuple[int, int]:
-    """(rank, world size): a gloo group under torchrun or srun, no group for a plain run."""
+def init_eval_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank): a gloo group under torchrun or srun, no group for a plain run."""
     with rank_environment() as (rank, world):
+        local_rank = int(os.environ["LOCAL_RANK"])  # srun's is taken back with the rest at the end
         if world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo")
-    return (rank, world)
+    return rank, world, local_rank
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,7 @@ class _IntegerWeights:
             self.scale = torch.cat([self.scale, self.scale.new_ones(1)])
             self.bias = torch.cat([bias if bias is not None else torch.zeros(weight.shape[0]), torch.zeros(1)])
         self.packed = kernels.prepack_conv2d(w, self.scale, *conv_args) if is_conv else kernels.prepack_linear(w)
+        self.max_code = int(w.abs().max())
 
 
 class IntegerLayer(nn.Module):
@@ -91,6 +92,9 @@ class IntegerLayer(nn.Module):
                 rows.append((float(d), int(z) - qmin, (1.0 / (d * s)).view(shape) if self.dilated else 1.0 / d,
                              qmax - qmin))
             self.tables.append(rows)
+        # the largest sum of two u8·s8 products: what an int16 accumulation (CPUs without VNNI) must hold
+        self.max_pair_sum = max(2 * max(row[3] for row in rows) * max(copy[g].max_code for copy in self.weights)
+                                for g, rows in enumerate(self.tables))
 
     def _pack(self, weight: torch.Tensor, quantizers, bias) -> list[_IntegerWeights]:
         w = weight.detach()
@@ -166,7 +170,9 @@ def to_integer(model: nn.Module) -> dict:
     for why, names in report["simulated"].items():
         warnings.warn(f"qdistill integer mode: {why}; {len(names)} module(s) run simulated "
                       f"(e.g. {names[0]})", stacklevel=2)
-    if report["integer"] and (why := kernels.saturation_reason()) is not None:
+    at_risk = [n for n in report["integer"] if model.get_submodule(n).max_pair_sum > 32767]
+    if at_risk and (why := kernels.saturation_reason()) is not None:
+        why = f"{why} ({len(at_risk)} layer(s) with 8-bit codes can, e.g. {at_risk[0]})"
         report["saturation_risk"] = why
         warnings.warn(f"qdistill integer mode: {why}; mode=simulated gives the model's own numbers", stacklevel=2)
     return report

@@ -42,7 +42,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     other ranks)."""
     if not cfg.model:
         raise ConfigError("config key 'model' is required: the export folder to evaluate (model=EXPORT)")
-    rank, world = init_eval_distributed()
+    rank, world, local_rank = init_eval_distributed()
     log = logger.info if rank == 0 else (lambda msg: None)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval"
     ptqd = cfg.ptqd
@@ -55,7 +55,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     if ptqd and correction is None:
         raise ExportError(f"ptqd=true: {cfg.model} holds no noise-correction statistics (export it with "
                           "`qdistill export noise_correction=true`)")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, local_rank)
     q_device = device if cfg.mode == "simulated" else torch.device("cpu")  # integer: oneDNN's int8 CPU kernels
     qunet = load_exported(cfg.model, cfg.mode, device=q_device)
     exported_scheduler = Path(cfg.model) / "scheduler_config.json"
@@ -125,6 +125,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
                 if rank == 0:
                     with recorded_calls(fp, calls):
                         sample_batch(fp, scheduler, seeds[:cfg.fidelity_samples], cfg.steps, cfg.eta, **pipe_kwargs)
+            if rank == 0:
                 save_reference(cache_dir, key, settings, fp_images, calls)
                 log(f"FP reference cached in {cache_dir / key}")
 

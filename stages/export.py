@@ -78,7 +78,8 @@ def export(cfg: ExportConfig) -> dict:
                        "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated",
                        "precision": cfg.precision}
         if cfg.mixed_precision.enabled:
-            plan = mix_precision(model, fp, meta, records, scheduler, cfg)
+            with autocast(device, cfg.precision):
+                plan = mix_precision(model, fp, meta, records, scheduler, cfg)
             extra["step_bits"] = {**plan.to_dict(), "measured_on": measured_on, "budget": cfg.mixed_precision.bops_budget}
         if cfg.noise_correction:  # measured on the model as exported, mixed precision included
             with autocast(device, cfg.precision):

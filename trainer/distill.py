@@ -84,9 +84,12 @@ class BlockDistiller:
         self.current: dict = {}  # the block in progress: its initial MSE and finished phases (checkpointed)
         self.device, self.dtype = next(student.parameters()).device, next(student.parameters()).dtype
         self.precision = precision  # bf16/fp16: every forward under autocast; parameters, loss and Adam in fp32
-        if precision == "fp16":  # DeepSpeed's autocast section brings a dynamic loss scaler (skips overflow steps);
-            # no module listed: gradients stay fp32 for the reduction, as the parameters are
-            self.ds_config["torch_autocast"] = {"enabled": True, "dtype": "float16", "lower_precision_safe_modules": []}
+        if precision in ("bf16", "fp16"):
+            # The engine's forward must know: under an outer CUDA autocast it turns autocast off unless its own
+            # section is on. fp16's section also brings a dynamic loss scaler (overflowing steps are skipped). No
+            # module is listed, so gradients are reduced in fp32, as the parameters are.
+            self.ds_config["torch_autocast"] = {"enabled": True, "lower_precision_safe_modules": [],
+                                                "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
         self.checkpoint = RunCheckpoint(self.out, rank, world_size)
 
     # -- data ---------------------------------------------------------------------------------------

@@ -36,6 +36,13 @@ class DistillState:
     phase: int = 0  # index of that phase in the recipe's phases
 
 
+def loss_scaler(engine):
+    """The GradScaler of an engine with DeepSpeed's fp16 `torch_autocast` section (ZeRO 0 keeps it on the engine,
+    ZeRO 1/2 on the optimizer), or None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or \
+        getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+
+
 class RunCheckpoint:
     """OUT/checkpoint for one rank of `world_size`."""
 
@@ -57,6 +64,8 @@ class RunCheckpoint:
         self._barrier()
         if engine is not None:
             engine.save_checkpoint(str(tmp / ENGINE), tag="live")
+            if (scaler := loss_scaler(engine)) is not None:  # not in DeepSpeed's checkpoint
+                torch.save(scaler.state_dict(), tmp / f"loss-scaler-rank{self.rank}.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
             state_dict = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
@@ -131,3 +140,9 @@ class RunCheckpoint:
             raise CheckpointError(f"engine checkpoint under {path} cannot be loaded: {type(e).__name__}: {e}") from None
         if loaded is None:
             raise CheckpointError(f"engine checkpoint under {path} is missing")
+        scaler, saved = loss_scaler(engine), self.path / f"loss-scaler-rank{self.rank}.pt"
+        if scaler is not None and saved.exists():
+            try:
+                scaler.load_state_dict(torch.load(saved, weights_only=True))
+            except Exception as e:  # torch raises several types for damaged pickles
+                raise CheckpointError(f"checkpoint file {saved} is corrupted: {e}") from None
