@@ -73,8 +73,7 @@ def main(argv=None) -> int:
     if args.block not in names:
         sys.exit(f"--block {args.block} is not a block of {cfg.model}; blocks: {names}")
     k = names.index(args.block)
-    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, list(range(len(shards))),
-                               [len(s) for s in shards], cfg.distill, {}, "runs/unused")
+    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, cfg.distill, {}, "runs/unused")
     for p in student.parameters():
         p.requires_grad_(False)
     cache = distiller.capture_rows(k)

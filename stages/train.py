@@ -92,9 +92,8 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
-    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, all_shards, list(range(len(all_shards))),
-                               [s["rows"] for s in manifest["shards"]],
-                               cfg.distill, ds_config, out, rank, world_size, writer,
+    distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, all_shards, cfg.distill, ds_config, out, rank,
+                               world_size, writer,
                                run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
                                            "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),
                                            "model": cfg.model, "trajectories": cfg.trajectories},

@@ -123,8 +123,8 @@ def test_trainer_below_the_engine_runs_in_float64_and_matches_float32(tmp_path):
         fp = load_unet(cfg.model).eval().to(dtype)
         student, blocks_fp, blocks_q = build_student(fp, cfg, shards, torch.device("cpu"))
         assert_all(student, dtype=dtype)
-        distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, list(range(len(shards))),
-                               [len(s) for s in shards], cfg.distill, {}, tmp_path / "out", phases=recipe_phases(cfg))
+        distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, cfg.distill, {}, tmp_path / "out",
+                                   phases=recipe_phases(cfg))
         for k in range(len(blocks_q)):
             cache = distiller.capture_rows(k)
             call = cache.select(torch.arange(2))

@@ -46,14 +46,14 @@ EVAL_ITERATION = -1  # the rows of a block's fixed evaluation batch: drawn like 
 class BlockDistiller:
     """Train `student` (quantize_'d and calibrated) towards `teacher`, block by block, phase by phase.
 
-    `shards` are calibration shards (torch-formatted datasets) with their global indices `shard_ids`: at least
-    the ones this rank's share covers (`rank_share`); `shard_lengths` gives the rows of every shard of the set. `cfg` is a DistillConfig; `ds_config` the
+    `shards` are all the calibration shards of the set (torch-formatted datasets, in shard order; a rank reads
+    only those its share covers, `rank_share`). `cfg` is a DistillConfig; `ds_config` the
     DeepSpeed config dict (batch sizes are filled in here); `phases` the recipe's (default: DilateQuant's
     one BKD phase from `cfg`).
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, blocks_fp: list[Block], blocks_q: list[Block],
-                 shards: list, shard_ids: list[int], shard_lengths: list[int], cfg, ds_config: dict, out: str | Path,
+                 shards: list, cfg, ds_config: dict, out: str | Path,
                  rank: int = 0, world_size: int = 1, writer=None, run_config: dict | None = None,
                  phases: list[Phase] | None = None, precision: str = "fp32"):
         if [b.name for b in blocks_fp] != [b.name for b in blocks_q]:
@@ -67,13 +67,10 @@ class BlockDistiller:
         # where each phase's iterations start inside a block: its batches and TensorBoard steps
         self.phase_offsets = [sum(ph.iterations for ph in self.phases[:i]) for i in range(len(self.phases) + 1)]
         # this rank's slice of every iteration's batch: (shard, first, end) of each shard's draw
-        self.share = rank_share(shard_lengths, cfg.batch_size, rank, world_size)
-        self.counts, self.shard_lengths = rows_per_shard(len(shard_lengths), cfg.batch_size), shard_lengths
-        given = dict(zip(shard_ids, shards))
-        missing = [sid for sid, _, _ in self.share if sid not in given]
-        if missing:
-            raise ValueError(f"rank {rank} trains on shards {[sid for sid, _, _ in self.share]}, not given {missing}")
-        self.shards = [given[sid] for sid, _, _ in self.share]
+        self.shard_lengths = [len(shard) for shard in shards]
+        self.share = rank_share(self.shard_lengths, cfg.batch_size, rank, world_size)
+        self.counts = rows_per_shard(len(shards), cfg.batch_size)
+        self.shards = [shards[sid] for sid, _, _ in self.share]
         self.offsets = [0]
         for s in self.shards:
             self.offsets.append(self.offsets[-1] + len(s))
