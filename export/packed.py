@@ -237,7 +237,7 @@ def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=
         model = build_model(cls, path, device, dtype)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ExportError(f"{path / META_FILE} or config.json does not describe a model: {e}") from None
-    quantize_(model, config)
+    quantize_(model, config, init_weights=False)  # the state below replaces weights and ranges
     state = {}
     try:
         for name, spec in meta["layers"].items():

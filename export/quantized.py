@@ -67,7 +67,7 @@ def load_quantized(path: str | Path, device=None, dtype=None):
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path / STATE_FILE} is corrupted or truncated: {e}") from None
     model = build_model(cls, path, device, dtype)
-    quantize_(model, config)
+    quantize_(model, config, init_weights=False)  # the state below replaces weights and ranges
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -102,9 +102,11 @@ def _route_timesteps(model, args, kwargs):
     set_timesteps(model, t)
 
 
-def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weights: bool = True) -> nn.Module:
     """Quantize `model` in place and return it (torchao-style). Weights are ready at return;
-    activations need `calibrate_`."""
+    activations need `calibrate_`. `init_weights=False` builds the quantized structure only, for loaders whose
+    saved state replaces the weights, the dilation and every range (Weight Dilation and the weight-range
+    search would be thrown away)."""
     config = config or QuantConfig()
     if getattr(model, "qdistill_config", None) is not None:
         raise ValueError("model is already quantized")
@@ -137,7 +139,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
                                                         config.per_timestep, device=w.device, dtype=w.dtype))
 
     for module in model.modules():
-        if isinstance(module, QUANT_LAYERS):
+        if isinstance(module, QUANT_LAYERS) and init_weights:
             if config.weight_dilation:
                 module.apply_weight_dilation()
             module.init_weight_quantizers(config.weight_init)

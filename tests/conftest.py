@@ -223,6 +223,23 @@ def launch(args: list[str], nproc: int = 1, extra_torchrun: tuple = (), wait: bo
     return proc.returncode, out
 
 
+def train_in_process(args: list[str]) -> tuple[int, str]:
+    """`qdistill train` with `args` in this process, as one rank (what `launch(args)` runs, without a
+    process start and its imports: for tests whose subject is not the launcher). (exit code, output)."""
+    import contextlib
+    import io
+
+    from qdistill.cli import main as qdistill
+
+    threads, out = torch.get_num_threads(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            rc = qdistill(["train", *args])
+    finally:
+        torch.set_num_threads(threads)  # `threads=` sets the process's thread count
+    return rc, out.getvalue()
+
+
 def launch_srun(args: list[str], ntasks: int) -> tuple[int, str]:
     """`qdistill train` as `srun --ntasks=N python -m qdistill train ...` starts it on one node: N plain
     processes that know their rank only from SLURM_* variables (no torchrun, no RANK)."""

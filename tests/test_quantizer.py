@@ -83,3 +83,27 @@ def test_bits_out_of_range_are_rejected(bits):
 def test_search_range_rejects_unknown_method():
     with pytest.raises(ValueError, match="'minmax' or 'mse'"):
         search_range(torch.randn(1, 10), 4, False, "percentile")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, True)])
+def test_mse_search_gives_the_same_ranges_however_many_candidates_share_a_pass(dtype, bits, symmetric, monkeypatch):
+    """Candidates searched side by side pick exactly what one candidate at a time picks (the first of equal
+    errors included: a coarse input with many ties), and MSE is never worse than min/max."""
+    import qdistill.quantizers.uniform as uniform
+
+    torch.manual_seed(0)
+    smooth = torch.randn(24, 40) * torch.linspace(0.1, 3, 24)[:, None]
+    coarse = torch.randint(-3, 4, (24, 40)).float()
+    for x in (smooth.to(dtype), coarse.to(dtype)):
+        results = []
+        for chunk in (1, 7 * x.numel(), 10**9):  # one candidate a pass; 7 (80 is no multiple of 7); all 80
+            monkeypatch.setattr(uniform, "SEARCH_CHUNK_ELEMENTS", chunk)
+            results.append(search_range(x, bits, symmetric))
+        for delta, zero in results[1:]:
+            assert torch.equal(delta, results[0][0]) and torch.equal(zero, results[0][1])
+        xf, (qmin, qmax) = x.double(), qrange(bits, symmetric)
+        mse = (fake_quant(xf, results[0][0][:, None].double(), results[0][1][:, None].double(), qmin, qmax) - xf)
+        minmax = search_range(x, bits, symmetric, "minmax")
+        mm = (fake_quant(xf, minmax[0][:, None].double(), minmax[1][:, None].double(), qmin, qmax) - xf)
+        assert (mse.pow(2).mean(1) <= mm.pow(2).mean(1) * (1 + 1e-6)).all()

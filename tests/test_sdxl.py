@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, build_tiny_sdxl_pipeline, launch
+from conftest import REPO, build_tiny_sdxl_pipeline, train_in_process
 from qdistill.cli import main as qdistill
 
 
@@ -58,9 +58,9 @@ def test_calibration_records_what_the_sdxl_pipeline_feeds_its_unet(sdxl):
 @pytest.mark.slow
 def test_sdxl_pipeline_trains_exports_with_ptqd_and_evaluates(sdxl):
     root, pipe, prompts = sdxl
-    rc, log = launch(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={pipe}",
-                      f"trajectories={root / 'traj'}", f"out={root / 'run'}", "distill.iterations=3",
-                      "distill.batch_size=4", "distill.init_rows=16", "threads=1", "deepspeed=zero0.json"])
+    rc, log = train_in_process(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={pipe}",
+                                f"trajectories={root / 'traj'}", f"out={root / 'run'}", "distill.iterations=3",
+                                "distill.batch_size=4", "distill.init_rows=16", "threads=1", "deepspeed=zero0.json"])
     assert rc == 0, log
     assert "attentions.0" in log
     assert qdistill(["export", f"run={root / 'run'}", "noise_correction=true", "measure.samples=4",

@@ -60,7 +60,9 @@ def release_distributed() -> None:
     """End the process group, and take back the environment init_distributed set for it (a later run in the
     same process, or a process it starts, must not inherit rank 0's address)."""
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, stale in a later run
     for key in _SET_HERE:
         os.environ.pop(key, None)
     _SET_HERE.clear()
