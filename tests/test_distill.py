@@ -92,11 +92,10 @@ def two_rank_zero2(bench):
     """Two ranks, ZeRO 2, FP block inputs, started by the deepspeed launcher (torchrun starts the killed run it
     is compared with below: one 2-rank run serves both launchers)."""
     import shutil
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from qdistill.distributed_env import free_port
+
+    port = free_port()
     out = bench / "runs" / "2rank-zero2"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -175,7 +174,7 @@ def bf16_run(bench):
     assert rc == 0
     out = bench / "runs" / "1rank-bf16"
     rc, log = train_in_process(train_args(bench, out, "deepspeed=zero1.json", FP_INPUTS, "precision=bf16",
-                                f"trajectories={bench / 'traj-bf16'}"))
+                                          f"trajectories={bench / 'traj-bf16'}"))
     assert rc == 0, log
     return out, log
 
@@ -189,7 +188,8 @@ def test_autocast_trains_what_fp32_trains_and_keeps_the_state_in_fp32(bench, ref
         out, log = bf16_run
     else:
         out = bench / "runs" / f"1rank-{precision}"
-        rc, log = train_in_process(train_args(bench, out, "deepspeed=zero1.json", FP_INPUTS, f"precision={precision}"))
+        rc, log = train_in_process(train_args(bench, out, "deepspeed=zero1.json", FP_INPUTS,
+                                              f"precision={precision}"))
         assert rc == 0, log
     assert f"cpu, {precision}" in log
     ref, got = (json.loads((o / "metrics.json").read_text()) for o in (ref_out, out))
