@@ -97,7 +97,10 @@ class DistillConfig:
     lr_quant: float = 1e-3  # step sizes, relative: times each quantizer's mean step size; zero points
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     block_input: Literal["quantized", "fp"] = "quantized"  # DilateQuant trains on the quantized chain's input
-    cache_mb: int = 2048  # per rank: block inputs/targets of all rows cached if they fit, else recomputed per batch
+    cache_mb: int = 2048  # per rank, device memory for carried block outputs and a block's inputs/targets of all rows
+    cache_disk_mb: int = 32768  # per rank, local disk for what cache_mb does not hold (memory-mapped; 0: none)
+    cache_dir: str | None = None  # where cache_disk_mb is spent; None: the system's temporary directory
+    capture: Literal["carry", "prefix"] = "carry"  # carry block outputs forward, or run the model up to each block
     init_rows: int = 1024  # calibration rows (from all shards, strided) for the per-timestep TPQ init
     checkpoint_every: int = 500  # iterations inside a block; a checkpoint is also written after every block
     log_every: int = 10
@@ -110,6 +113,9 @@ class DistillConfig:
         for key in ("iterations", "batch_size", "init_rows", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"distill.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("cache_mb", "cache_disk_mb"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("lr_weights", "lr_quant"):
             if getattr(self, key) < 0:
                 raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")

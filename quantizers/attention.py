@@ -5,11 +5,18 @@ activation-activation matmuls: Q and K before QKᵀ, the softmax probabilities a
 diffusers' own extension point (`Attention.set_processor`), so the Attention module is untouched. Being
 an nn.Module, the processor is registered under the Attention module and its quantizer tables are part
 of the model's state dict.
+
+Softmax(QKᵀ) is computed for a block of queries at a time, so that no more than `chunk_mb` MiB of scores exist
+at once (heads × queries × keys × batch is 512 MiB per sample at SD-1.5's 64×64 level). With gradients on,
+each block is checkpointed: backward recomputes its probabilities instead of keeping all of them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .temporal import TemporalQuantizer
 
@@ -18,8 +25,9 @@ class QuantAttnProcessor(nn.Module):
     """The computation of diffusers' `AttnProcessor`, with Q, K, V and probabilities fake-quantized."""
 
     def __init__(self, bits: int, softmax_bits: int = 8, symmetric: bool = False, per_timestep: bool = True,
-                 device=None, dtype=None):
+                 chunk_mb: float = 0, device=None, dtype=None):
         super().__init__()
+        self.chunk_mb = chunk_mb  # the scores of one block of queries, at most (0: all queries at once)
         like = {"device": device, "dtype": dtype}  # the Attention module's
         self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
         self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
@@ -57,8 +65,7 @@ class QuantAttnProcessor(nn.Module):
         key = attn.head_to_batch_dim(self.k_quantizer(key))
         value = attn.head_to_batch_dim(self.v_quantizer(value))
 
-        probs = self.probs_quantizer(attn.get_attention_scores(query, key, attention_mask))
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.batch_to_head_dim(self._attention(attn, query, key, value, attention_mask))
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -67,3 +74,26 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def query_rows(self, batch_heads: int, queries: int, keys: int) -> int:
+        """How many queries one block holds: its fp32 scores (batch·heads × rows × keys) within chunk_mb."""
+        if not self.chunk_mb:
+            return queries
+        return max(1, min(queries, math.floor(self.chunk_mb * 2**20 / (4 * batch_heads * keys))))
+
+    def _attend(self, attn, query, key, value, mask):
+        probs = self.probs_quantizer(attn.get_attention_scores(query, key, mask))
+        return torch.bmm(probs, value)
+
+    def _attention(self, attn, query, key, value, mask):
+        rows = self.query_rows(query.shape[0], query.shape[1], key.shape[1])
+        if rows >= query.shape[1]:
+            return self._attend(attn, query, key, value, mask)
+        out = []
+        for a in range(0, query.shape[1], rows):
+            m = mask if mask is None or mask.shape[1] == 1 else mask[:, a:a + rows]
+            if torch.is_grad_enabled():
+                out.append(checkpoint(self._attend, attn, query[:, a:a + rows], key, value, m, use_reentrant=False))
+            else:
+                out.append(self._attend(attn, query[:, a:a + rows], key, value, m))
+        return torch.cat(out, dim=1)

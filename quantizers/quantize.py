@@ -37,6 +37,7 @@ class QuantConfig:
     quantize_attention: bool = True  # Q, K, V and softmax probabilities
     attention_bits: int | None = None  # bits of Q, K, V; None: act_bits
     softmax_bits: int = 8
+    attention_chunk_mb: float = 1024  # attention scores held at once, per attention call (0: no bound)
     first_last_bits: int | None = 8  # first and last conv; None keeps them in floating point
     time_embedding_bits: int | None = 8  # the timestep-embedding MLP; None keeps it in floating point
 
@@ -46,6 +47,8 @@ class QuantConfig:
             value = getattr(self, key)
             if value is not None or key in ("weight_bits", "act_bits", "softmax_bits"):
                 check_bits(value, key)
+        if not self.attention_chunk_mb >= 0:
+            raise ValueError(f"attention_chunk_mb must be >= 0 (0: no bound), got {self.attention_chunk_mb}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +139,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
                 bits = config.attention_bits or config.act_bits
                 w = module.to_q.weight
                 module.set_processor(QuantAttnProcessor(bits, config.softmax_bits, config.act_symmetric,
-                                                        config.per_timestep, device=w.device, dtype=w.dtype))
+                                                        config.per_timestep, config.attention_chunk_mb,
+                                                        device=w.device, dtype=w.dtype))
 
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and init_weights:

@@ -102,7 +102,7 @@ def test_quantize_on_the_meta_device_creates_nothing_on_the_cpu(cls, config):
 
 
 def test_trainer_below_the_engine_runs_in_float64_and_matches_float32(tmp_path):
-    """Student build, TPQ init, block capture, the row cache, block evaluation and AdaRound's phase entry on a
+    """Student build, TPQ init, block capture, the carried outputs and stored rows, block evaluation and AdaRound's phase entry on a
     float64 teacher. (The optimizer step is DeepSpeed's, which reduces fp16/bf16/fp32 gradients only; it is
     covered in fp32 and bf16 by test_distill.)"""
     from qdistill.configs import load_config
@@ -125,13 +125,19 @@ def test_trainer_below_the_engine_runs_in_float64_and_matches_float32(tmp_path):
         assert_all(student, dtype=dtype)
         distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, cfg.distill, {}, tmp_path / "out",
                                    phases=recipe_phases(cfg))
+        distiller.block_inputs = distiller._block_inputs()
         for k in range(len(blocks_q)):
-            cache = distiller.capture_rows(k)
-            call = cache.select(torch.arange(2))
+            distiller.block_inputs.begin(k)
+            call = distiller.block_inputs.batch(torch.arange(2))
             tensors = tree_flatten((call["args"], call["kwargs"], call["target"]))[0]
             assert all(x.dtype == dtype for x in tensors if torch.is_tensor(x) and x.is_floating_point()), \
                 blocks_q[k].name
-            init_mse[dtype, k] = distiller.evaluate(k, cache)
+            init_mse[dtype, k] = distiller.evaluate(k)
+            distiller.block_inputs.end(k)
+            carried = [x for stores in distiller.block_inputs.carried.values() for s in stores.values()
+                       for x in s.leaves if torch.is_tensor(x) and x.is_floating_point()]
+            assert all(x.dtype == dtype for x in carried), blocks_q[k].name
+            assert carried or k == len(blocks_q) - 1
         rounding = distiller.phases[0]
         rounding.enter(blocks_q[2].module)
         assert_all(student, dtype=dtype)  # AdaRound's α beside the weights

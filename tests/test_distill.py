@@ -33,20 +33,23 @@ def train_args(bench: Path, out: Path, *overrides: str) -> list[str]:
             "sampling.num_samples=2", "sampling.num_steps=4", "threads=1", *overrides]
 
 
-def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+def built_student(args: list[str]):
     """The student that `qdistill train` with `args` starts distilling from."""
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list
     from qdistill.data.model_folder import load_unet
+    from qdistill.trainer.student import build_student
 
     assert args[0] == "--config"
     cfg = load_config(TrainConfig, args[1], args[2:])
-    from qdistill.trainer.student import build_student
-
     student, _, _ = build_student(load_unet(cfg.model).eval(), cfg, load_shard_list(cfg.trajectories),
                                   torch.device("cpu"))
-    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+    return student
+
+
+def initial_state(args: list[str]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in built_student(args).state_dict().items()}
 
 
 # Rank-count invariance is a property of the data-parallel machinery, so it is checked with FP block inputs:
@@ -239,12 +242,27 @@ def test_max_blocks_trains_only_the_first_blocks(bench, reference_run, tmp_path)
     assert torch.equal(state["conv_out.weight"], start["conv_out.weight"])  # the last block: left as initialised
 
 
+def test_block_inputs_on_disk_train_what_cached_ones_train(bench, reference_run):
+    """distill.cache_mb=0 keeps carried outputs and block inputs in memory-mapped files instead of memory: the
+    same values, so the same training, bit for bit."""
+    out = bench / "runs" / "on-disk"
+    rc, log = train_in_process(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS, "distill.cache_mb=0",
+                                          f"distill.cache_dir={bench / 'spill'}"))
+    assert rc == 0, log
+    assert "inputs cached" in log and not any((bench / "spill").iterdir())  # the files are unlinked at once
+    got, ref = trained_state(out), trained_state(reference_run[0])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def test_recomputed_block_inputs_train_what_cached_ones_train(bench, reference_run):
-    """distill.cache_mb=0 captures every batch's block inputs afresh instead of selecting cached rows."""
+    """With no memory and no disk, nothing is carried or cached: every batch's block inputs are captured by
+    running the model up to the block."""
     out = bench / "runs" / "recompute"
-    rc, log = train_in_process(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS, "distill.cache_mb=0"))
+    rc, log = train_in_process(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS, "distill.cache_mb=0",
+                                          "distill.cache_disk_mb=0"))
     assert rc == 0, log
     assert "inputs cached" not in log and "inputs cached" in reference_run[1]
+    assert "captured by running the model up to each block" in log
     assert_same_training(trained_state(out), trained_state(reference_run[0]), reference_run[2])  # float rounding only
 
 
@@ -484,3 +502,104 @@ def test_text_conditional_guidance_pipeline_on_two_ranks(tiny_sd_dir, tmp_path):
         set_quantization(student, weights=False, activations=False)
         fp_like = student(x, t, encoder_hidden_states=text).sample
     assert torch.isfinite(out).all() and not torch.allclose(out, fp_like)
+
+
+def test_finished_blocks_leave_no_engine_optimizer_state_or_hooks_behind(bench, tmp_path, monkeypatch):
+    """Over all 17 blocks (ZeRO 2, whose gradient hooks and optimizer hold the most), every engine, its
+    optimizer and its Adam state are freed before the next block's engine is built, and each block's hook
+    dictionaries are back to what they held before its engine."""
+    import weakref
+
+    from qdistill.trainer import distill
+
+    released, hooks, checked = [], {}, []
+    build, release = distill.BlockDistiller._engine, distill.release_engine
+
+    def hook_counts(block):
+        return len(block._forward_pre_hooks), len(block._forward_hooks), len(block._backward_hooks)
+
+    def engine(self, block, phase, groups):
+        assert all(ref() is None for ref in released), "an earlier engine or its optimizer state is still alive"
+        assert all(hook_counts(b) == n for b, n in hooks.values()), "an earlier engine's hooks are still on its block"
+        checked.append(len(released))
+        hooks[id(block)] = (block, hook_counts(block))
+        return build(self, block, phase, groups)
+
+    def spy_release(e):
+        state = [t for s in e.optimizer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        assert state, "the engine was released before any optimizer step"
+        released.extend(weakref.ref(x) for x in [e, e.optimizer, *state])
+        release(e)
+
+    monkeypatch.setattr(distill.BlockDistiller, "_engine", engine)
+    monkeypatch.setattr(distill, "release_engine", spy_release)
+    rc, log = train_in_process(train_args(bench, tmp_path / "run", "deepspeed=zero2.json", FP_INPUTS,
+                                          "distill.iterations=2", "distill.checkpoint_every=0"))
+    assert rc == 0, log
+    assert len(checked) == 17 and checked[-1] > 16 * 3  # 17 engines; each check saw every earlier one's refs
+    assert all(ref() is None for ref in released)
+
+
+def test_one_host_sync_per_training_iteration(bench, tmp_path, monkeypatch):
+    """The divergence guard and the loss readout read the device once per iteration (one fused `.tolist()`),
+    plus one check at the end of each phase; TensorBoard's scalars sync only on logging iterations. Counted as
+    the calls that copy a tensor's value to the host (`.item()`, `.tolist()`, `bool()`, ...) made by qdistill's
+    own code while a phase trains (DeepSpeed's and torch.optim's are theirs)."""
+    from torch.overrides import TorchFunctionMode
+
+    import qdistill
+    from qdistill.trainer import distill
+
+    ours = str(Path(qdistill.__file__).parent)
+    reads = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
+    syncs = {"training": 0, "logging": 0}
+
+    class CountSyncs(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) in reads:
+                caller = sys._getframe(1)
+                if caller.f_code.co_filename.startswith(ours) and "site-packages" not in caller.f_code.co_filename:
+                    logging = caller.f_code.co_name in ("log_scalars", "scalars")
+                    syncs["logging" if logging else "training"] += 1
+            return func(*args, **(kwargs or {}))
+
+    train_phase = distill.BlockDistiller._train_phase
+
+    def counted(self, *args):
+        with CountSyncs():
+            return train_phase(self, *args)
+
+    monkeypatch.setattr(distill.BlockDistiller, "_train_phase", counted)
+    rc, log = train_in_process(train_args(bench, tmp_path / "run", "deepspeed=zero0.json", "distill.max_blocks=3",
+                                          "distill.iterations=10", "distill.checkpoint_every=0",
+                                          "distill.log_every=1000"))
+    assert rc == 0, log
+    assert syncs["training"] == 3 * 10 + 3, syncs  # 3 blocks x 10 iterations, one end-of-phase check per block
+    assert 0 < syncs["logging"] <= 3 * 2 * 6, syncs  # logged: the first and the last iteration of each block
+
+
+def test_checkpoints_write_the_finished_block_not_the_whole_student(bench, reference_run):
+    """After the first checkpoint, each block's checkpoint writes that block's state only; the manifest's files,
+    applied in order, give the trained student exactly."""
+    from safetensors import safe_open
+
+    from qdistill.trainer.run_state import RunCheckpoint
+
+    out, _, _ = reference_run
+    ckpt = RunCheckpoint(out)
+    progress = ckpt.read_progress()
+    files = progress["student_files"]
+    blocks = progress["blocks"]
+    assert [f["file"] for f in files] == ["student.safetensors"] + [f"block-{k:03d}.safetensors"
+                                                                     for k in range(len(blocks))]
+    assert [f["prefix"] for f in files[1:]] == blocks
+    whole = (out / "checkpoint" / "student.safetensors").stat().st_size
+    for f in files[1:]:
+        with safe_open(str(out / "checkpoint" / f["file"]), "pt") as part:
+            assert all(k.startswith(f["prefix"] + ".") for k in part.keys())
+        assert (out / "checkpoint" / f["file"]).stat().st_size < whole / 2
+
+    student = built_student(train_args(bench, out, "deepspeed=zero0.json", FP_INPUTS))
+    ckpt.load_student(student)
+    trained = trained_state(out)
+    assert all(torch.equal(v, trained[k]) for k, v in student.state_dict().items())

@@ -1,7 +1,10 @@
-"""Capturing a block's call from the live model: its inputs (and the FP block's output) for a batch of model
+"""Capturing a block's call from the live model: its inputs (and the block's output) for a batch of model
 inputs, by a forward pre-hook that stops the forward once the block has been seen (DESIGN.md §3.5: hooks on
-the model, never re-implementations of diffusers' forwards), and the per-block cache of all of a rank's rows."""
+the model, never re-implementations of diffusers' forwards); and blocks whose calls return given outputs
+without running, so that the forward up to a block costs the model's code between blocks, not the blocks."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -17,7 +20,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, with_output: bool) -> dict:
     """Run `model(**model_kwargs)` until `block` is called; return its args, kwargs and, if asked, its
-    output. The rest of the forward is skipped."""
+    output (`output`: the tensor, `full_output`: what the block returned). The rest of the forward is skipped."""
     seen: dict = {}
 
     def pre(module, args, kwargs):
@@ -26,6 +29,7 @@ def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, w
             raise _Stop
 
     def post(module, args, kwargs, output):
+        seen["full_output"] = output
         seen["output"] = block_output(output)
         raise _Stop
 
@@ -49,32 +53,47 @@ def capture_block_call(model: nn.Module, block: nn.Module, model_kwargs: dict, w
     return seen
 
 
-class RowCache:
-    """One block's captured calls for all of this rank's rows. Tensors whose batch dimension is the model
-    batch (rows × `fold`, the fold being 2 for guidance batches) are stored as [fold, rows, ...] so any
-    selection of rows can be reassembled; everything else is kept from the first chunk."""
+@contextlib.contextmanager
+def substituted(outputs: dict[nn.Module, object]):
+    """Inside, a call of each module in `outputs` returns its given output without running its forward (hooks
+    registered on the module still run)."""
+    saved = {}
+    for module, output in outputs.items():
+        saved[module] = module.__dict__.get("forward")
+        module.forward = _Returns(output)
+    try:
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
-    def __init__(self, chunks: list[dict], rows_per_chunk: list[int]):
-        spec = None
-        columns: list[list] = []
-        self.batched: list[bool] = []
-        for chunk, rows in zip(chunks, rows_per_chunk):
-            leaves, spec = tree_flatten(chunk)
-            fold = chunk["t"].shape[0] // rows
-            if not columns:
-                columns = [[] for _ in leaves]
-                self.batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == rows * fold
-                                for x in leaves]
-                self.fold = fold
-            for col, leaf, batched in zip(columns, leaves, self.batched):
-                col.append(leaf.unflatten(0, (fold, rows)) if batched else leaf)
-        self.spec = spec
-        self.leaves = [torch.cat(col, dim=1) if batched else col[0] for col, batched in zip(columns, self.batched)]
 
-    def select(self, rows: torch.Tensor) -> dict:
-        leaves = [x[:, rows].flatten(0, 1) if batched else x for x, batched in zip(self.leaves, self.batched)]
-        return tree_unflatten(leaves, self.spec)
+class _Returns:
+    def __init__(self, output):
+        self.output = output
 
-    @staticmethod
-    def nbytes(chunk: dict) -> int:
-        return sum(x.numel() * x.element_size() for x in tree_flatten(chunk)[0] if isinstance(x, torch.Tensor))
+    def __call__(self, *args, **kwargs):
+        return self.output
+
+
+class BlockCalls:
+    """Counts the calls of `modules` that ran their forward to the end (substituted ones are not counted)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.modules, self.calls, self.handles = modules, 0, []
+
+    def _hook(self, module, args, output):
+        if not isinstance(module.__dict__.get("forward"), _Returns):
+            self.calls += 1
+
+    def __enter__(self):
+        # registered before capture's own hooks, so a call that capture stops right after is counted
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()

@@ -7,8 +7,10 @@ For each block k, in execution order, the quantized block learns to match its FP
 What learns and against which loss is the recipe's: a list of phases that every block goes through in order
 (trainer/phases.py: DilateQuant's one BKD phase; trainer/qdiffusion.py: AdaRound, then activation step sizes).
 Block inputs and targets come from hooks on the live models (a forward pre-hook captures the block's call
-and stops the forward). They are computed once per block for all of this rank's calibration rows when they
-fit in `cache_mb`, otherwise recomputed for every batch. One DeepSpeed engine per phase of a block, with the
+and stops the forward), with the blocks before it returning their carried outputs instead of running
+(trainer/block_inputs.py): about one teacher and one student forward of the block per row. They are computed
+once per block for all of this rank's rows and kept within `cache_mb` (memory) and `cache_disk_mb` (local
+disk), otherwise captured again for every batch. One DeepSpeed engine per phase of a block, with the
 phase's parameter groups and learning rates. Before its first phase and after its last, every block's output
 MSE is measured on one fixed batch (`init_mse`, `final_mse` in the summaries).
 
@@ -20,7 +22,9 @@ each sample uses its own timestep's quantizer row.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -33,14 +37,27 @@ from ..devices import autocast, cast_inputs
 from ..errors import DivergenceError
 from ..progress import progress
 from ..quantizers import Block, set_timesteps
-from .capture import RowCache, capture_block_call
+from .block_graph import trace_block_graph
+from .block_inputs import BlockInputs
 from .phases import DistillPhase, Phase, per_sample_mse
 from .row_plan import draw_rows, rank_share, rows_per_shard
+from .row_store import StorageBudget
 from .run_state import CHECKPOINT, DistillState, RunCheckpoint
 from .tb_logging import log_block, log_scalars
 
 logger = logging.getLogger(__name__)
 EVAL_ITERATION = -1  # the rows of a block's fixed evaluation batch: drawn like an iteration no phase runs
+
+
+def release_engine(engine) -> None:
+    """Free a finished phase's engine. `destroy()` removes ZeRO's gradient hooks, but the engine's own forward
+    hooks stay on the block: they keep the engine and its optimizer state alive and run on every later forward."""
+    engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
 
 
 class BlockDistiller:
@@ -94,50 +111,51 @@ class BlockDistiller:
         return [draw_rows(self.cfg.seed, block_index, iteration, sid, self.shard_lengths[sid], self.counts[sid])[a:b]
                 for sid, a, b in self.share]
 
-    def _model_inputs(self, parts: list[dict]) -> dict:
-        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    def _model_inputs(self, rows: torch.Tensor) -> dict:
+        """Model kwargs of `rows`: indices into this rank's shards, one after another, grouped by shard."""
+        parts, order = [], []
+        for shard, a, b in zip(self.shards, self.offsets, self.offsets[1:]):
+            local = rows[(rows >= a) & (rows < b)]
+            if len(local):
+                parts.append(shard[(local - a).tolist()])
+                order.append(local)
+        assert torch.equal(torch.cat(order), rows), "rows must be grouped by shard, in shard order"
+        batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         return cast_inputs(to_model_inputs(batch), self.device, self.dtype)
 
-    def _capture(self, k: int, model_kwargs: dict) -> dict:
-        """The call of block k for one batch: the student's inputs, the teacher's output, the timesteps."""
-        with autocast(self.device, self.precision):
-            fp = capture_block_call(self.teacher, self.blocks_fp[k].module, model_kwargs, with_output=True)
-            q = fp if self.cfg.block_input == "fp" else \
-                capture_block_call(self.student, self.blocks_q[k].module, model_kwargs, with_output=False)
-        t = torch.as_tensor(model_kwargs["timestep"]).reshape(-1).float()
-        return {"args": q["args"], "kwargs": q["kwargs"], "target": fp["output"], "t": t}
+    def _block_inputs(self) -> BlockInputs:
+        """Block calls for all of this rank's rows, chunk by chunk (a chunk is `batch_size` rows of one shard)."""
+        chunks = [(a + start, min(self.cfg.batch_size, len(shard) - start))
+                  for shard, a in zip(self.shards, self.offsets) for start in range(0, len(shard), self.cfg.batch_size)]
+        graph = None
+        if self.cfg.capture == "carry":
+            with autocast(self.device, self.precision):
+                graph = trace_block_graph(self.teacher, [b.module for b in self.blocks_fp],
+                                          self._model_inputs(torch.arange(min(2, self.offsets[-1]))))
+            if graph is None:
+                self._log("the model's blocks do not run once each in order: block inputs are captured by running "
+                          "the model up to each block (distill.capture=prefix)")
+        budget = StorageBudget(self.cfg.cache_mb, self.cfg.cache_disk_mb, self.cfg.cache_dir)
+        return BlockInputs(self.teacher, self.student, self.blocks_fp, self.blocks_q, chunks, self._model_inputs,
+                           self.cfg.block_input == "quantized", budget, graph, self.device, self.precision, self.rank)
 
-    def capture_rows(self, k: int) -> RowCache | None:
-        """All of this rank's rows for block k, if they fit in cfg.cache_mb."""
-        if self.cfg.cache_mb <= 0:
-            return None
-        chunks, sizes, total_rows = [], [], self.offsets[-1]
-        for shard in self.shards:
-            for a in range(0, len(shard), self.cfg.batch_size):
-                rows = shard[a:a + self.cfg.batch_size]
-                n = len(rows["timestep"])
-                chunk = self._capture(k, self._model_inputs([rows]))
-                if not chunks and RowCache.nbytes(chunk) / n * total_rows > self.cfg.cache_mb * 2**20:
-                    return None  # recompute per batch instead
-                chunks.append(chunk)
-                sizes.append(n)
-        return RowCache(chunks, sizes)
-
-    def _batch(self, k: int, iteration: int, cache: RowCache | None) -> dict:
+    def _batch(self, k: int, iteration: int) -> dict:
         rows = self._rows(k, iteration)
-        if cache is not None:
-            return cache.select(torch.cat([r + off for r, off in zip(rows, self.offsets)]))
-        return self._capture(k, self._model_inputs([s[r.tolist()] for s, r in zip(self.shards, rows)]))
+        return self.block_inputs.batch(torch.cat([r + off for r, off in zip(rows, self.offsets)]))
 
     # -- checkpoints (trainer/run_state.py) ---------------------------------------------------------
     def save_checkpoint(self, state: DistillState, engine=None) -> None:
         """Checkpoint `state` (with the live engine inside a block). Inside a phase the student's state holds
         what the phase added to it (AdaRound's α)."""
         phase = self.phases[state.phase].name if state.phase < len(self.phases) else None
+        if state.iteration or state.phase:  # inside block k: only it has changed since the last checkpoint
+            block = (state.block_index, self.blocks_q[state.block_index].name, False)
+        else:  # block k - 1 has just finished
+            block = (state.block_index - 1, self.blocks_q[state.block_index - 1].name, True) if state.block_index else None
         self.checkpoint.save(self.student, {
             "block_index": state.block_index, "phase": state.phase, "phase_name": phase,
             "iteration": state.iteration, "blocks": [b.name for b in self.blocks_q], "summaries": self.summaries,
-            "current_block": self.current, "run_config": self.run_config}, engine)
+            "current_block": self.current, "run_config": self.run_config}, engine, block)
 
     def load_checkpoint(self) -> DistillState:
         """The state to start from: a fresh one, or the run folder's checkpoint (student state loaded; a block
@@ -177,11 +195,20 @@ class BlockDistiller:
             phase = f" phase {self.phases[state.phase].name}," if len(self.phases) > 1 and where != "end" else ""
             self._log(f"resuming at block {state.block_index + 1} ({where}),{phase} iteration {state.iteration}")
         last = len(self.blocks_q) if self.cfg.max_blocks is None else min(self.cfg.max_blocks, len(self.blocks_q))
-        for k in range(state.block_index, last):
-            resumed = k == state.block_index
-            self._train_block(k, state.phase if resumed else 0, state.iteration if resumed else 0)
-            self.current = {}
-            self.save_checkpoint(DistillState(k + 1, 0))
+        self.block_inputs = self._block_inputs()
+        self.block_inputs.last = last
+        try:
+            if state.block_index and state.block_index < last and self.block_inputs.graph is not None:
+                self._log(f"carrying the outputs of the {state.block_index} finished blocks")
+                for k in range(state.block_index):
+                    self.block_inputs.skip(k)
+            for k in range(state.block_index, last):
+                resumed = k == state.block_index
+                self._train_block(k, state.phase if resumed else 0, state.iteration if resumed else 0)
+                self.current = {}
+                self.save_checkpoint(DistillState(k + 1, 0))
+        finally:
+            self.block_inputs.close()
         return self.summaries
 
     def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,10 +219,10 @@ class BlockDistiller:
         return x
 
     @torch.no_grad()
-    def evaluate(self, k: int, cache: RowCache | None) -> float:
+    def evaluate(self, k: int) -> float:
         """Block k's output MSE against the FP block on one fixed batch, as it is now."""
         block = self.blocks_q[k].module
-        data = self._batch(k, EVAL_ITERATION, cache)
+        data = self._batch(k, EVAL_ITERATION)
         set_timesteps(block, data["t"])
         with autocast(self.device, self.precision):
             out = block(*data["args"], **data["kwargs"])
@@ -206,10 +233,10 @@ class BlockDistiller:
         """Phases `first_phase`, ... of block k, the first one from iteration `start` (a resumed checkpoint's)."""
         name, block = self.blocks_q[k].name, self.blocks_q[k].module
         t0 = time.time()
-        cache = self.capture_rows(k)
-        cache_seconds = time.time() - t0
+        self.block_inputs.begin(k)
+        cache_seconds, cached = time.time() - t0, self.block_inputs.cached
         if not self.current:
-            self.current = {"init_mse": self.evaluate(k, cache), "phases": []}
+            self.current = {"init_mse": self.evaluate(k), "phases": []}
         for p in range(first_phase, len(self.phases)):
             phase, begin = self.phases[p], start if p == first_phase else 0
             if not begin:  # a resumed phase was entered before its checkpoint was loaded
@@ -219,70 +246,91 @@ class BlockDistiller:
                 engine = self._engine(block, phase, groups)
                 if begin:
                     self.checkpoint.load_engine(engine)
-                self.current["phases"].append(self._train_phase(engine, k, p, begin, cache))
-                del engine
+                try:
+                    self.current["phases"].append(self._train_phase(engine, k, p, begin))
+                finally:
+                    release_engine(engine)
+                    del engine
+                    gc.collect()  # the engine's reference cycles; device memory does not prompt Python's GC
             else:
                 self.current["phases"].append({"phase": phase.name, "iterations": 0, "first_loss": None,
                                                "final_loss": None, "seconds": 0.0, "samples_per_s": None})
             phase.leave(block)
             if p + 1 < len(self.phases):
                 self.save_checkpoint(DistillState(k, 0, p + 1))
+        final_mse = self.evaluate(k)
+        t0 = time.time()
+        self.block_inputs.end(k)
+        cache_seconds += time.time() - t0
         phases = self.current["phases"]
         seconds = sum(ph["seconds"] for ph in phases)
         summary = {"block": name, "first_loss": phases[0]["first_loss"], "final_loss": phases[-1]["final_loss"],
                    "iterations": sum(ph["iterations"] for ph in phases), "seconds": round(seconds, 3),
-                   "cache_seconds": round(cache_seconds, 3), "cached": cache is not None,
+                   "cache_seconds": round(cache_seconds, 3), "cached": cached,
+                   "capture_forwards_per_row": round(self.block_inputs.forwards / self.offsets[-1], 3),
                    "samples_per_s": round(sum(ph["iterations"] for ph in phases) * self.cfg.batch_size / seconds, 1)
                    if seconds > 0 else None,
-                   "init_mse": self.current["init_mse"], "final_mse": self.evaluate(k, cache), "phases": phases}
+                   "init_mse": self.current["init_mse"], "final_mse": final_mse, "phases": phases}
         self.summaries.append(summary)
         if self.writer is not None:
             log_block(self.writer, block, name, k, summary)
         self._log(f"block {k + 1}/{len(self.blocks_q)} {name}: block-output MSE {summary['init_mse']:.3e} -> "
                   f"{summary['final_mse']:.3e}")
 
-    def _train_phase(self, engine, k: int, p: int, start: int, cache: RowCache | None) -> dict:
+    def _train_phase(self, engine, k: int, p: int, start: int) -> dict:
         cfg, name, block, phase = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module, self.phases[p]
         tag = name if len(self.phases) == 1 else f"{name}/{phase.name}"
         offset, per_block = self.phase_offsets[p], self.phase_offsets[-1]
         bar = progress(range(start, phase.iterations), f"block {k + 1}/{len(self.blocks_q)} {tag}",
                        disable=self.rank != 0, logger=logger)
-        t0, first_loss, loss_avg, samples = time.time(), None, None, 0
+        params = [q for q in block.parameters() if q.requires_grad]
+        t0, first_loss, loss_value, samples, updated = time.time(), None, None, 0, None
         for it in bar:
-            data = self._batch(k, offset + it, cache)
+            data = self._batch(k, offset + it)
             set_timesteps(block, data["t"])
             with autocast(self.device, self.precision):
                 out = engine(*data["args"], **data["kwargs"])
-            per_sample, loss, scalars = phase.loss(block, out, data["target"], it)  # in fp32 (phases.py)
+            per_sample, loss = phase.loss(block, out, data["target"], it)  # in fp32 (phases.py)
             loss_avg = self._mean_over_ranks(per_sample.mean())
-            if not torch.isfinite(loss_avg) or not torch.isfinite(loss):  # before the step: parameters stay good
-                raise DivergenceError(f"block {name}, iteration {it}: loss is {loss_avg.item()} (non-finite); stopped "
+            # The iteration's one host sync: the loss over all ranks, this rank's, and whether the last update left
+            # the parameters finite. A non-finite loss stops before its update, so the parameters stay good.
+            loss_value, local, finite = torch.stack([loss_avg.float(), loss.detach().float(),
+                                                     updated if updated is not None else loss_avg.new_ones(())]).tolist()
+            self._check_update(finite, name, it - 1)
+            if not (math.isfinite(loss_value) and math.isfinite(local)):
+                raise DivergenceError(f"block {name}, iteration {it}: loss is {loss_value} (non-finite); stopped "
                                       f"before the update; the last good checkpoint is kept in {self.out / CHECKPOINT}")
             engine.backward(loss)
             engine.step()
-            if not all(torch.isfinite(p).all() for p in block.parameters()):
-                raise DivergenceError(f"block {name}, iteration {it}: the update made parameters non-finite; stopped; "
-                                      f"the last good checkpoint is kept in {self.out / CHECKPOINT}")
-            first_loss = loss_avg.item() if first_loss is None else first_loss
+            updated = torch.stack([q.isfinite().all() for q in params]).all().float()  # read at the next sync
+            first_loss = loss_value if first_loss is None else first_loss
             samples += cfg.batch_size
             if self.writer is not None and (it % cfg.log_every == 0 or it == phase.iterations - 1):
-                log_scalars(self.writer, engine, tag, k * per_block + offset + it + 1, loss_avg.item(), per_sample,
-                                  data["t"], samples / (time.time() - t0), {f"{phase.name}/{key}": v
-                                                                            for key, v in scalars.items()})
-            bar.set_postfix(loss=f"{loss_avg.item():.3e}")
+                log_scalars(self.writer, engine, tag, k * per_block + offset + it + 1, loss_value, per_sample,
+                            data["t"], samples / (time.time() - t0),
+                            {f"{phase.name}/{key}": v for key, v in phase.scalars(block, it).items()})
+            bar.set_postfix(loss=f"{loss_value:.3e}")
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < phase.iterations:
+                self._check_update(updated.item(), name, it)  # nothing non-finite is checkpointed
                 self.save_checkpoint(DistillState(k, it + 1, p), engine)
+        if updated is not None:
+            self._check_update(updated.item(), name, phase.iterations - 1)
         bar.close()
         seconds = time.time() - t0
         summary = {"phase": phase.name, "first_loss": first_loss,
-                   "final_loss": loss_avg.item() if loss_avg is not None else None,
+                   "final_loss": loss_value,
                    "iterations": phase.iterations - start, "seconds": round(seconds, 3),
                    "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None}
         if first_loss is not None:
             self._log(f"block {k + 1}/{len(self.blocks_q)} {tag}: loss {first_loss:.3e} -> {summary['final_loss']:.3e} "
                       f"({summary['iterations']} it, {seconds:.1f}s, {summary['samples_per_s']} samples/s"
-                      f"{', inputs cached' if cache is not None else ''})")
+                      f"{', inputs cached' if self.block_inputs.cached else ''})")
         return summary
+
+    def _check_update(self, finite: float, name: str, it: int) -> None:
+        if not finite:
+            raise DivergenceError(f"block {name}, iteration {it}: the update made parameters non-finite; stopped; "
+                                  f"the last good checkpoint is kept in {self.out / CHECKPOINT}")
 
     def _log(self, message: str) -> None:
         if self.rank == 0:

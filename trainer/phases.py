@@ -73,11 +73,14 @@ class Phase:
     def lr_factor(self, i: int) -> float:
         return 1.0
 
-    def loss(self, block: nn.Module, out, target: torch.Tensor,
-             iteration: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def loss(self, block: nn.Module, out, target: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For `out` = block(inputs) at 0-based `iteration` of this phase: (per-sample reconstruction loss, the
-        scalar to minimise on this rank, extra scalars to log)."""
+        scalar to minimise on this rank). No host sync: the trainer reads values once per iteration."""
         raise NotImplementedError
+
+    def scalars(self, block: nn.Module, iteration: int) -> dict:
+        """Extra values to log after `iteration` (called only on logging iterations; may sync)."""
+        return {}
 
     def leave(self, block: nn.Module) -> None:
         for p in block.parameters():
@@ -109,4 +112,4 @@ class DistillPhase(Phase):
 
     def loss(self, block, out, target, iteration):
         per_sample = per_sample_mse(out, target)
-        return per_sample, per_sample.mean(), {}
+        return per_sample, per_sample.mean()

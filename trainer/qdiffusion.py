@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from ..quantizers import TemporalQuantizer
@@ -47,13 +49,20 @@ class RoundingPhase(Phase):
         total = per_sample.mean()
         c = self.cfg
         beta = beta_at(iteration + 1, self.iterations, c.warmup, c.beta_start, c.beta_end)
-        scalars = {}
+        self.regularizer = None
         if beta is not None:
-            quantizers = adaround_quantizers(block)
-            reg = sum(rounding_regularizer(q.soft_targets(), beta) for q in quantizers)
+            reg = sum(rounding_regularizer(q.soft_targets(), beta) for q in adaround_quantizers(block))
             total = total + c.rounding_lambda * reg
-            scalars = {"beta": beta, "regularizer": reg.detach().item(), "settled": hard_fraction(quantizers)}
-        return per_sample, total, scalars
+            self.regularizer = reg.detach()
+        return per_sample, total
+
+    def scalars(self, block, iteration):
+        c = self.cfg
+        beta = beta_at(iteration + 1, self.iterations, c.warmup, c.beta_start, c.beta_end)
+        if beta is None:
+            return {}
+        return {"beta": beta, "regularizer": float(self.regularizer) if self.regularizer is not None else math.nan,
+                "settled": hard_fraction(adaround_quantizers(block))}
 
     def leave(self, block: nn.Module) -> None:
         harden(block)
@@ -84,7 +93,7 @@ class ActivationStepPhase(Phase):
 
     def loss(self, block, out, target, iteration):
         per_sample = per_sample_lp(out, target, self.cfg.act_p)
-        return per_sample, per_sample.mean(), {}
+        return per_sample, per_sample.mean()
 
 
 def qdiffusion_phases(cfg) -> list[Phase]:

@@ -1,16 +1,23 @@
 """The run's checkpoint: where block-wise training stands, and the state needed to continue from there.
 
-    OUT/checkpoint/progress.json        block, phase and iteration reached; blocks, summaries, run config
-    OUT/checkpoint/student.safetensors  the student's full state (inside a phase: what the phase added, e.g. α)
-    OUT/checkpoint/engine/              the live DeepSpeed engine (optimizer partitions), inside a block only
-    OUT/checkpoint/rng-rankR.pt         each rank's torch RNG state
+    OUT/checkpoint/progress.json          block, phase and iteration reached; blocks, summaries, run config; and
+                                          `student_files`, the manifest of the student's state files below
+    OUT/checkpoint/student.safetensors    the whole student, as of the run's first checkpoint
+    OUT/checkpoint/block-NNN.safetensors  block NNN's state when it finished
+    OUT/checkpoint/current.safetensors    inside a block: that block's state (with what its phase added, e.g. α)
+    OUT/checkpoint/engine/                the live DeepSpeed engine (optimizer partitions), inside a block only
+    OUT/checkpoint/rng-rankR.pt           each rank's torch RNG state
 
-Written after every block and every `checkpoint_every` iterations: all ranks write into OUT/.checkpoint.tmp,
-then rank 0 swaps it into place (files.replace_dir), so a crash mid-write keeps the previous checkpoint.
+The student's state is the manifest's files applied in order, each replacing everything under its block's
+prefix: training block k changes only block k, so a checkpoint writes that block, not the whole student (3.4 GB
+for SD-1.5). Written after every block and every `checkpoint_every` iterations: all ranks write into
+OUT/.checkpoint.tmp, the unchanged state files are hard-linked in from the previous checkpoint, then rank 0
+swaps it into place (files.replace_dir), so a crash mid-write keeps the previous checkpoint.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from ..files import recover_dir, replace_dir
 
 CHECKPOINT = "checkpoint"
 STUDENT = "student.safetensors"
+CURRENT = "current.safetensors"
 PROGRESS = "progress.json"
 ENGINE = "engine"
 
@@ -49,14 +57,16 @@ class RunCheckpoint:
     def __init__(self, out: str | Path, rank: int = 0, world_size: int = 1):
         self.out, self.rank, self.world_size = Path(out), rank, world_size
         self.path = self.out / CHECKPOINT
+        self.student_files: list[dict] = []  # the manifest of the checkpoint on disk (rank 0's)
 
     def _barrier(self):
         if self.world_size > 1:
             dist.barrier()
 
-    def save(self, student, progress: dict, engine=None) -> None:
+    def save(self, student, progress: dict, engine=None, block: tuple[int, str, bool] | None = None) -> None:
         """Every rank calls this: rank 0 writes the student and `progress`, every rank its RNG state and its
-        part of the live `engine` (when given)."""
+        part of the live `engine` (when given). `block` = (index, module name, finished): the only block whose
+        state changed since the last checkpoint; None writes the whole student."""
         tmp = self.out / f".{CHECKPOINT}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -68,13 +78,32 @@ class RunCheckpoint:
                 torch.save(scaler.state_dict(), tmp / f"loss-scaler-rank{self.rank}.pt")
         torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
-            state_dict = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-            save_file(state_dict, str(tmp / STUDENT))
-            (tmp / PROGRESS).write_text(json.dumps({**progress, "world_size": self.world_size}, indent=2))
+            files = self._write_student(student, tmp, block)
+            (tmp / PROGRESS).write_text(json.dumps({**progress, "world_size": self.world_size,
+                                                    "student_files": files}, indent=2))
         self._barrier()
         if self.rank == 0:
             replace_dir(tmp, self.path)
+            self.student_files = files
         self._barrier()
+
+    def _write_student(self, student, tmp: Path, block: tuple[int, str, bool] | None) -> list[dict]:
+        """The student's state files in `tmp`: the changed block's, the others linked from the last checkpoint."""
+        state = student.state_dict()
+        if block is None or not self.student_files:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / STUDENT))
+            return [{"file": STUDENT, "prefix": ""}]
+        index, prefix, finished = block
+        kept = [f for f in self.student_files if f["file"] != CURRENT]
+        for f in kept:
+            try:
+                os.link(self.path / f["file"], tmp / f["file"])
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(self.path / f["file"], tmp / f["file"])
+        name = f"block-{index:03d}.safetensors" if finished else CURRENT
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix + ".")},
+                  str(tmp / name))
+        return kept + [{"file": name, "prefix": prefix}]
 
     def read_progress(self) -> dict | None:
         """progress.json of the checkpoint, or None when the run has none (a crash between the swap's two
@@ -88,6 +117,9 @@ class RunCheckpoint:
             progress = json.loads((self.path / PROGRESS).read_text())
             progress["state"] = DistillState(int(progress["block_index"]), int(progress["iteration"]),
                                              int(progress.get("phase", 0)))  # checkpoints before phases: 0
+            # checkpoints before per-block files: the whole student in one
+            files = progress.get("student_files") or [{"file": STUDENT, "prefix": ""}]
+            self.student_files = [{"file": str(f["file"]), "prefix": str(f["prefix"])} for f in files]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint file {self.path / PROGRESS} is missing or corrupted: {e}") from None
         return progress
@@ -115,14 +147,23 @@ class RunCheckpoint:
                                   f"it with that many (ZeRO optimizer partitions are per rank), not {self.world_size}")
 
     def load_student(self, student) -> None:
-        try:
-            tensors = load_file(str(self.path / STUDENT))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"checkpoint file {self.path / STUDENT} is corrupted or truncated: {e}") from None
+        """The state the manifest's files make, in order, each replacing its block's entries."""
+        tensors = {}
+        for f in self.student_files:
+            path = self.path / f["file"]
+            try:
+                part = load_file(str(path))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"checkpoint file {path} is corrupted or truncated: {e}") from None
+            if f["prefix"]:
+                tensors = {k: v for k, v in tensors.items() if not k.startswith(f["prefix"] + ".")}
+            tensors.update(part)
         try:
             student.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
-            raise CheckpointError(f"{self.path / STUDENT} does not fit this model: {str(e).splitlines()[0]}") from None
+            names = ", ".join(f["file"] for f in self.student_files)
+            raise CheckpointError(f"the student's state in {self.path} ({names}) does not fit this model: "
+                                  f"{str(e).splitlines()[0]}") from None
 
     def load_rng(self) -> None:
         rng = self.path / f"rng-rank{self.rank}.pt"

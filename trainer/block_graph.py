@@ -1,0 +1,114 @@
+"""Which earlier blocks' outputs each block's call reads, found once by following the dataflow of one forward.
+
+Block k's inputs are computed from the model inputs and from the outputs of blocks before it, through the
+model's own code between blocks (skip stacks, concatenations, the time embedding handed to every resnet). A
+torch-function mode labels every tensor with the blocks its value came from: a block's output carries its own
+label, every other op's output the union of its inputs' labels (an in-place op adds them to the tensor it
+writes). Block k reads the blocks in the labels of its call's arguments. This is what lets capture carry block
+outputs forward instead of re-running the prefix (trainer/block_inputs.py), without knowing the model's code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class _Lineage(TorchFunctionMode):
+    """Labels tensors with the set of blocks their values derive from."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels = WeakIdKeyDictionary()
+
+    def of(self, tree) -> frozenset[int]:
+        found: set[int] = set()
+        for x in tree_leaves(tree):
+            if isinstance(x, torch.Tensor):
+                found |= self.labels.get(x, frozenset())
+        return frozenset(found)
+
+    def mark(self, tree, labels: frozenset[int], replace: bool = False) -> None:
+        for x in tree_leaves(tree):
+            if isinstance(x, torch.Tensor):
+                self.labels[x] = labels if replace else self.labels.get(x, frozenset()) | labels
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        labels = self.of((args, kwargs))
+        if labels:
+            self.mark(out, labels)
+            name = getattr(func, "__name__", "")
+            if args and isinstance(args[0], torch.Tensor) and (name.endswith("_") or name in (
+                    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")):
+                self.mark(args[0], labels)  # written in place (possibly through a view)
+        return out
+
+
+@dataclass
+class OutputLayout:
+    """The structure of a block's output for one model batch: its pytree spec and, per leaf, the shape after the
+    batch dimension, the dtype and whether it is batched (non-tensor leaves are kept as they are)."""
+
+    spec: object
+    leaves: list
+
+    def placeholder(self, batch: int, device: torch.device):
+        """Zeros with the layout of the output for a model batch of `batch` (for a block whose output the
+        block being captured does not read: the forward needs a value of the right shape, not its content)."""
+        return tree_unflatten([torch.zeros((batch, *leaf[0]) if leaf[2] else leaf[0], dtype=leaf[1], device=device)
+                               if isinstance(leaf, tuple) else leaf for leaf in self.leaves], self.spec)
+
+
+@dataclass
+class BlockGraph:
+    """`reads[k]`: the blocks before k whose outputs block k's call reads; `layouts[k]`: block k's output layout."""
+
+    reads: list[frozenset[int]]
+    layouts: list[OutputLayout]
+
+    def last_reader(self, j: int) -> int:
+        """The last block that reads block j's output (j itself when none does)."""
+        return max([k for k, r in enumerate(self.reads) if j in r], default=j)
+
+
+@torch.no_grad()
+def trace_block_graph(model: nn.Module, blocks: list[nn.Module], model_kwargs: dict) -> BlockGraph | None:
+    """The block graph of `model` on one forward of `model_kwargs`, or None when the blocks are not called once
+    each in list order (then no block can be captured from carried outputs)."""
+    mode, order, reads, layouts = _Lineage(), [], {}, {}
+    batch = model_kwargs["sample"].shape[0]
+
+    def pre(k):
+        def hook(module, args, kwargs):
+            order.append(k)
+            reads[k] = frozenset(j for j in mode.of((args, kwargs)) if j < k)
+        return hook
+
+    def post(k):
+        def hook(module, args, kwargs, output):
+            leaves, spec = tree_flatten(output)
+            layouts[k] = OutputLayout(spec, [
+                (tuple(x.shape[1:]) if x.dim() and x.shape[0] == batch else tuple(x.shape), x.dtype,
+                 bool(x.dim() and x.shape[0] == batch)) if isinstance(x, torch.Tensor) else x for x in leaves])
+            mode.mark(output, frozenset((k,)), replace=True)
+        return hook
+
+    handles = []
+    for k, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(pre(k), with_kwargs=True))
+        handles.append(block.register_forward_hook(post(k), with_kwargs=True))
+    try:
+        with mode:
+            model(**model_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if order != list(range(len(blocks))):
+        return None
+    return BlockGraph([reads[k] for k in order], [layouts[k] for k in order])
