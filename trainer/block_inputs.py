@@ -90,12 +90,12 @@ class BlockInputs:
                         break  # nothing to keep: every batch is captured afresh
                     self._abandon_graph(k, "block outputs")
                     return self.begin(k, keep_inputs)
-                if keep_inputs:
-                    self.inputs = RowStore.create({"args": call["args"], "kwargs": call["kwargs"], "t": call["t"]},
-                                                  n, self.total_rows, fold, self.budget)
+            inputs = {"args": call["args"], "kwargs": call["kwargs"], "t": call["t"]}
+            if start == 0 and keep_inputs:
+                self.inputs = RowStore.create(inputs, n, self.total_rows, fold, self.budget)
             self.targets.put(call["full_output"], start)
             if self.inputs is not None:
-                self.inputs.put({"args": call["args"], "kwargs": call["kwargs"], "t": call["t"]}, start)
+                self.inputs.put(inputs, start)
 
     @property
     def cached(self) -> bool:
@@ -117,7 +117,7 @@ class BlockInputs:
             read_later = min(self.graph.last_reader(k), self.last - 1) > k
             if read_later and self.quantized_inputs:
                 self._carry_student(k)
-            if read_later and self.graph is not None:
+            if read_later and self.graph is not None:  # (None when the student's outputs did not fit)
                 self.carried["teacher"][k] = self.targets
                 self.targets = None
             for who in ("teacher", "student"):
@@ -153,10 +153,7 @@ class BlockInputs:
             logger.warning(f"block {k + 1} ({self.names[k]}): the carried {what} do not fit in distill.cache_mb "
                            "and distill.cache_disk_mb; from here on block inputs are captured by running the "
                            "model up to each block")
-        for stores in self.carried.values():
-            for store in stores.values():
-                store.release()
-            stores.clear()
+        self._release_carried()
         if self.targets is not None:
             self.targets.release()
             self.targets = None
@@ -170,6 +167,9 @@ class BlockInputs:
 
     def close(self) -> None:
         self._end_inputs()
+        self._release_carried()
+
+    def _release_carried(self) -> None:
         for stores in self.carried.values():
             for store in stores.values():
                 store.release()

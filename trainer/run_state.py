@@ -89,10 +89,13 @@ class RunCheckpoint:
 
     def _write_student(self, student, tmp: Path, block: tuple[int, str, bool] | None) -> list[dict]:
         """The student's state files in `tmp`: the changed block's, the others linked from the last checkpoint."""
-        state = student.state_dict()
+        def write(name: str, prefix: str) -> dict:
+            save_file({k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()
+                       if k.startswith(prefix + "." if prefix else "")}, str(tmp / name))
+            return {"file": name, "prefix": prefix}
+
         if block is None or not self.student_files:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / STUDENT))
-            return [{"file": STUDENT, "prefix": ""}]
+            return [write(STUDENT, "")]
         index, prefix, finished = block
         kept = [f for f in self.student_files if f["file"] != CURRENT]
         for f in kept:
@@ -100,10 +103,7 @@ class RunCheckpoint:
                 os.link(self.path / f["file"], tmp / f["file"])
             except OSError:  # a filesystem without hard links
                 shutil.copyfile(self.path / f["file"], tmp / f["file"])
-        name = f"block-{index:03d}.safetensors" if finished else CURRENT
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(prefix + ".")},
-                  str(tmp / name))
-        return kept + [{"file": name, "prefix": prefix}]
+        return kept + [write(f"block-{index:03d}.safetensors" if finished else CURRENT, prefix)]
 
     def read_progress(self) -> dict | None:
         """progress.json of the checkpoint, or None when the run has none (a crash between the swap's two
