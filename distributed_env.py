@@ -151,6 +151,29 @@ def _ranks(ranks: list[int], reports: list[dict]) -> str:
     return ", ".join(named) + (f" and {len(ranks) - 3} more ranks" if len(ranks) > 3 else "")
 
 
+def from_rank0(fn, rank: int, world_size: int):
+    """`fn()` computed on rank 0 only and its (picklable) result returned on every rank: work every rank would
+    repeat with the same answer (hashing the model folder). A collective when world_size > 1; an error on rank 0
+    is raised on every rank, so none waits for a result that never comes."""
+    if world_size <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    box, error = [None], None
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # still broadcast, then raise it here with its traceback
+            box[0], error = ("error", e), e
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
 def check_shared_folders(folders: dict[str, Path], rank: int, world_size: int, write: dict[str, Path] | None = None,
                          settle_s: float = 5.0) -> None:
     """Raise the same one-line ConfigError on every rank unless all ranks see the same folders. `folders`

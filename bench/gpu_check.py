@@ -22,13 +22,10 @@ from pathlib import Path
 
 import torch
 
+from qdistill.bench.unet_shapes import SD15
 from qdistill.configs import load_config
 from qdistill.configs.schema import EvalConfig, ExportConfig, TrainConfig, TrajectoryConfig
 
-SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 SD15_QUICK = dict(SD15, sample_size=16, cross_attention_dim=32, block_out_channels=(32, 32, 64, 64), norm_num_groups=8)
 
 

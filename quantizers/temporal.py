@@ -18,7 +18,49 @@ from torch import nn
 from .routing import TimestepRouted, nearest_rows, per_sample
 from .uniform import at_least_fp32, check_bits, fake_quant, qrange, search_range
 
-MAX_OBSERVED_VALUES = 16384  # per timestep: a subsample is enough for the range search; extremes are exact
+# What calibration keeps of a quantizer's activations: a uniform sample of each timestep's values (the range
+# search needs no more; the extremes are tracked exactly), at most MAX_OBSERVED_VALUES per timestep and
+# OBSERVED_VALUES_PER_QUANTIZER over all of a quantizer's timesteps, on the activations' own device.
+MAX_OBSERVED_VALUES = 16384
+OBSERVED_VALUES_PER_QUANTIZER = 1 << 18  # 1 MiB of fp32 per quantizer, however many timesteps are selected
+
+
+class Reservoir:
+    """A uniform random sample of at most `cap` values from a stream of tensors, and the stream's exact
+    extremes. Merging keeps each part in proportion to how many values it stands for, so the sample stays
+    uniform over everything seen; nothing leaves the device (no host syncs)."""
+
+    __slots__ = ("lo", "hi", "seen", "kept")
+
+    def __init__(self, like: torch.Tensor):
+        self.lo = torch.full((), float("inf"), device=like.device, dtype=like.dtype)
+        self.hi = torch.full((), float("-inf"), device=like.device, dtype=like.dtype)
+        self.seen, self.kept = 0, like.new_empty(0)
+
+    def add(self, vals: torch.Tensor, cap: int) -> None:
+        self.lo, self.hi = torch.minimum(self.lo, vals.min()), torch.maximum(self.hi, vals.max())
+        seen, n = self.seen, vals.numel()
+        self.seen = seen + n
+        if self.seen <= cap:
+            self.kept = torch.cat([self.kept, vals])
+            return
+        keep_old = round(cap * seen / self.seen)
+        self.kept = torch.cat([_subsample(self.kept, keep_old), _subsample(vals, cap - keep_old)])
+
+    def shrink(self, cap: int) -> None:
+        if self.kept.numel() > cap:
+            self.kept = _subsample(self.kept, cap)
+
+
+def _subsample(vals: torch.Tensor, m: int) -> torch.Tensor:
+    """`m` of `vals` drawn at random: without replacement, or (for a large tensor, where repeats are rare and a
+    permutation of all of it would cost more than the draw) with."""
+    n = vals.numel()
+    if m >= n:
+        return vals
+    if n > 8 * m:
+        return vals[torch.randint(n, (m,), device=vals.device)]
+    return vals[torch.randperm(n, device=vals.device)[:m]]
 
 
 class TemporalQuantizer(TimestepRouted):
@@ -43,7 +85,7 @@ class TemporalQuantizer(TimestepRouted):
         self.enabled = True
         self.observing = False
         self._t: torch.Tensor | None = None  # timesteps of the current batch, one per sample
-        self._stats: dict[float, list] = {}
+        self._stats: dict[float, Reservoir] = {}
 
     # -- timestep routing (quantizers/routing.py) -------------------------------------------------
     def rows_for(self, t: torch.Tensor) -> torch.Tensor:
@@ -101,16 +143,14 @@ class TemporalQuantizer(TimestepRouted):
         flat = at_least_fp32(x.detach()).reshape(x.shape[0], -1)
         for key in keys.unique().tolist():
             vals = flat[keys == key].reshape(-1)
-            lo, hi, kept = self._stats.get(key, (float("inf"), float("-inf"), []))
-            lo, hi = min(lo, vals.min().item()), max(hi, vals.max().item())
-            if vals.numel() > MAX_OBSERVED_VALUES:
-                vals = vals[torch.randint(vals.numel(), (MAX_OBSERVED_VALUES,), device=vals.device)]
-            kept.append(vals.cpu())
-            total = sum(v.numel() for v in kept)
-            if total > 4 * MAX_OBSERVED_VALUES:  # keep memory bounded: subsample what we hold
-                cat = torch.cat(kept)
-                kept = [cat[torch.randperm(cat.numel())[:MAX_OBSERVED_VALUES]]]
-            self._stats[key] = (lo, hi, kept)
+            if key not in self._stats:
+                self._stats[key] = Reservoir(vals)
+                for r in self._stats.values():  # one more timestep shares the quantizer's budget
+                    r.shrink(self._cap())
+            self._stats[key].add(vals, self._cap())
+
+    def _cap(self) -> int:
+        return min(MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER // max(1, len(self._stats)))
 
     @torch.no_grad()
     def init_from_observations(self, method: str = "mse") -> None:
@@ -118,19 +158,13 @@ class TemporalQuantizer(TimestepRouted):
         if not self._stats:
             raise RuntimeError("TemporalQuantizer saw no data during calibration (is the layer reachable?)")
         keys = sorted(self._stats)
-        samples = []
-        for key in keys:
-            values = torch.cat(self._stats[key][2])
-            if values.numel() > MAX_OBSERVED_VALUES:
-                values = values[torch.randperm(values.numel())[:MAX_OBSERVED_VALUES]]
-            samples.append(values)
-        n = min(v.numel() for v in samples)  # one search over all rows at once: equal-length subsamples
-        values = torch.stack([v[torch.randperm(v.numel())[:n]] if v.numel() > n else v for v in samples])
-        lo = torch.tensor([self._stats[key][0] for key in keys], dtype=values.dtype)
-        hi = torch.tensor([self._stats[key][1] for key in keys], dtype=values.dtype)
-        delta, zero = search_range(values, self.bits, self.symmetric, method, lo=lo, hi=hi)  # on the host
+        stats = [self._stats[key] for key in keys]
+        n = min(r.kept.numel() for r in stats)  # one search over all rows at once: equal-length subsamples
+        values = torch.stack([_subsample(r.kept, n) for r in stats])
+        lo, hi = torch.stack([r.lo for r in stats]), torch.stack([r.hi for r in stats])
+        delta, zero = search_range(values, self.bits, self.symmetric, method, lo=lo, hi=hi)
         self._resize(len(keys))
-        self.delta.copy_(delta)  # copy_ moves and casts into the table's own device and dtype
+        self.delta.copy_(delta)  # copy_ casts into the table's own dtype
         self.zero.copy_(zero)
         self.timesteps.copy_(torch.tensor(keys, dtype=torch.float64))
         self.row_bits.fill_(self.bits)

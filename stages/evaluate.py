@@ -25,6 +25,7 @@ import torch
 from ..configs.schema import EvalConfig
 from ..data.model_folder import convert_scheduler, load_scheduler, load_unet, model_hash, scheduler_from_file
 from ..devices import autocast, resolve_device
+from ..distributed_env import from_rank0
 from ..errors import ConfigError, ExportError
 from ..evaluation.fidelity import psnr, save_grid
 from ..evaluation.reference_cache import default_cache_dir, load_reference, reference_key, save_reference
@@ -106,8 +107,9 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     # 3. FP reference, cached
     fp_images = calls = None
     if fp is not None:
-        settings = {"model_hash": model_hash(cfg.reference), "scheduler": dict(scheduler.config), "steps": cfg.steps,
-                    "eta": cfg.eta, "seeds": [cfg.seed, cfg.num_samples], "batch_size": cfg.batch_size,
+        settings = {"model_hash": from_rank0(lambda: model_hash(cfg.reference), rank, world),  # hashed once
+                    "scheduler": dict(scheduler.config), "steps": cfg.steps, "eta": cfg.eta,
+                    "seeds": [cfg.seed, cfg.num_samples], "batch_size": cfg.batch_size,
                     "fidelity_samples": cfg.fidelity_samples, "guidance_scale": cfg.guidance_scale,
                     "precision": cfg.precision,
                     "prompts": hashlib.sha256("\n".join(pipe_kwargs.get("prompts", [])).encode()).hexdigest()}

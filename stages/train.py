@@ -28,7 +28,7 @@ from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
 from ..data.model_folder import load_scheduler, load_unet, model_hash
 from ..devices import autocast
-from ..distributed_env import check_shared_folders
+from ..distributed_env import check_shared_folders, from_rank0
 from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
@@ -62,7 +62,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     # all stop with the same error, rather than resume from different checkpoints and hang)
     check_shared_folders({"trajectories": Path(cfg.trajectories)}, rank, world_size, write={"out": out})
     fp = load_unet(cfg.model).eval().to(device)  # fp32 weights; precision=bf16 runs the forwards under autocast
-    source_hash = model_hash(cfg.model)
+    source_hash = from_rank0(lambda: model_hash(cfg.model), rank, world_size)  # hashed once, not per rank
     manifest = read_manifest(cfg.trajectories)
     share = rank_share([s["rows"] for s in manifest["shards"]], cfg.distill.batch_size, rank, world_size)
     # every rank opens all shards (memory-mapped): the TPQ init reads rows of each; training reads the few its
@@ -79,7 +79,8 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
 
     # 2. quantize; TPQ rows per timestep (skipped when resuming: the checkpoint holds the tables)
     t0 = time.time()
-    student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming)
+    student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming,
+                                                  rank=rank, world_size=world_size)
     if not resuming:
         scales = "per-timestep activation scales" if cfg.quant.per_timestep else "one activation scale"
         log(f"quantized ({'weight dilation, ' if cfg.quant.weight_dilation else ''}{scales} from "

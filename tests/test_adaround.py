@@ -166,7 +166,7 @@ def qdiffusion_args(bench, out) -> list[str]:
             f"trajectories={bench / 'traj'}", f"out={out}", "qdiffusion.rounding_iterations=12",
             "qdiffusion.act_iterations=6", "qdiffusion.lr_rounding=5e-2", "distill.batch_size=4",
             "distill.checkpoint_every=4", "distill.init_rows=20", "distill.log_every=1", "sampling.num_samples=2",
-            "sampling.num_steps=4", "threads=1", "deepspeed=zero2.json"]
+            "sampling.num_steps=4", "threads=1", "deepspeed=zero2.json", "distill.max_blocks=10"]
 
 
 def _read_progress(out):
@@ -227,13 +227,16 @@ def test_qdiffusion_run_lowers_block_losses_below_round_to_nearest(qdiffusion_ru
     assert math.prod(ratios) ** (1 / len(ratios)) < 0.97, ratios  # and by a margin on the whole
     assert "rounding: loss" in qdiffusion_runs["log"] and "block-output MSE" in qdiffusion_runs["log"]
 
-    # the saved model is a plain quantized model: no α, every weight on its quantizer's grid
+    # the saved model is a plain quantized model: no α, every trained block's weight on its quantizer's grid
+    # (the run trains the first 10 blocks: distill.max_blocks)
     from qdistill.quantizers import QUANT_LAYERS
     from qdistill.export import load_quantized
 
     assert not any(k.endswith(".alpha") for k in trained_state(out))
     student = load_quantized(out / "quantized")
-    layers = [m for m in student.modules() if isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers)]
+    trained = tuple(b["block"] for b in blocks)
+    layers = [m for name, m in student.named_modules() if isinstance(m, QUANT_LAYERS) and len(m.weight_quantizers)
+              and (name in trained or name.startswith(tuple(t + "." for t in trained)))]
     assert layers and any(len(m.input_groups) == 2 for m in layers)  # shortcut splits are in there
     with torch.no_grad():
         for m in layers:

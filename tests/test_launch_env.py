@@ -1,6 +1,7 @@
 """distributed_env: srun's SLURM_* variables become RANK ... MASTER_PORT (and a plain run gets one-process
 defaults), and two real gloo ranks that do not share their `out` or `trajectories` folder both raise the same
-one-line error instead of hanging."""
+one-line error instead of hanging. The same two ranks check the work done once on rank 0 and broadcast: a
+value (the model hash), an error, and the activation tables of the TPQ init."""
 import datetime
 import json
 import logging
@@ -11,7 +12,7 @@ import traceback
 
 import pytest
 
-from qdistill.distributed_env import MARKER, check_shared_folders, expand_hostlist, fill_rank_environment
+from qdistill.distributed_env import MARKER, check_shared_folders, expand_hostlist, fill_rank_environment, from_rank0
 from qdistill.errors import ConfigError
 
 RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -122,10 +123,44 @@ def _rank(rank: int, tmp) -> None:
                 results[name] = ""
             except ConfigError as e:
                 results[name] = str(e)
+        calls = []
+        results["from_rank0"] = from_rank0(lambda: calls.append(rank) or f"rank {rank}'s answer", rank, 2)
+        results["from_rank0_calls"] = calls
+        try:
+            from_rank0(lambda: _raise(ConfigError(f"config key 'model': rank {rank} cannot read it")), rank, 2)
+        except ConfigError as e:
+            results["from_rank0_error"] = str(e)
+        results["tables"] = _shared_tables(rank)
         dist.destroy_process_group()
     except BaseException:
         results["crash"] = traceback.format_exc()
     (tmp / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _raise(error):
+    raise error
+
+
+def _shared_tables(rank: int) -> dict:
+    """Two activation quantizers: rank 0 calibrates them, rank 1 only receives the tables."""
+    import torch
+    from torch import nn
+
+    from qdistill.quantizers import TemporalQuantizer
+    from qdistill.trainer.student import share_activation_tables
+
+    model = nn.ModuleList([TemporalQuantizer(4), TemporalQuantizer(8, symmetric=True, per_timestep=False)])
+    if rank == 0:
+        torch.manual_seed(0)
+        for q in model:
+            q.observing = True
+            for t in (0.0, 400.0, 999.0):
+                q.set_timesteps(torch.full((2,), t))
+                q(torch.randn(2, 3, 8, 8) * (1 + t / 100))
+            q.observing = False
+            q.init_from_observations("mse")
+    share_activation_tables(model, rank)
+    return {k: v.tolist() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +208,18 @@ def test_a_trajectories_folder_missing_on_one_rank_is_the_same_error_on_both(two
     assert results[0]["missing_traj"].endswith(f"cannot read {tmp / 'node1' / 'traj' / 'manifest.json'}")
     assert results[0]["other_traj"] == results[1]["other_traj"]
     assert "rank 1 (host " in results[0]["other_traj"] and "reads a different" in results[0]["other_traj"]
+
+
+def test_work_done_once_on_rank_0_reaches_every_rank(two_ranks):
+    _, results = two_ranks
+    assert results[0]["from_rank0"] == results[1]["from_rank0"] == "rank 0's answer"
+    assert results[0]["from_rank0_calls"] == [0] and results[1]["from_rank0_calls"] == []
+    assert results[0]["from_rank0_error"] == results[1]["from_rank0_error"] == "config key 'model': rank 0 cannot read it"
+
+
+def test_activation_tables_calibrated_on_rank_0_are_the_tables_of_every_rank(two_ranks):
+    _, results = two_ranks
+    tables = results[0]["tables"]
+    assert tables == results[1]["tables"]
+    assert tables["0.timesteps"] == [0.0, 400.0, 999.0] and len(tables["1.delta"]) == 1
+    assert tables["0.delta"][0] < tables["0.delta"][1] < tables["0.delta"][2]  # calibrated, not the fresh [1.0]

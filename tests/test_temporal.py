@@ -5,6 +5,8 @@ import torch
 
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.quantizers import QuantConfig, TemporalQuantizer, calibrate_, quantize_, set_timesteps
+from qdistill.quantizers.temporal import MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER, Reservoir
+from qdistill.quantizers.uniform import fake_quant, qrange, search_range
 
 
 def calibrated_quantizer(timesteps=(0.0, 500.0, 999.0), per_timestep=True):
@@ -24,6 +26,50 @@ def test_table_has_one_row_per_calibrated_timestep():
     assert q.delta[0] < q.delta[1] < q.delta[2]
     shared = calibrated_quantizer(per_timestep=False)
     assert shared.delta.numel() == 1
+
+
+def test_reservoir_sample_is_uniform_over_the_stream():
+    # 10 chunks of different sizes, chunk i all equal to i: a uniform sample holds each in proportion to its size
+    torch.manual_seed(0)
+    sizes = [3000, 500, 4000, 1000, 2500, 800, 6000, 1200, 200, 800]
+    r = Reservoir(torch.empty(0))
+    for i, n in enumerate(sizes):
+        r.add(torch.full((n,), float(i)), cap=4000)
+    assert r.kept.numel() == 4000 and r.seen == sum(sizes) and (r.lo, r.hi) == (0, 9)
+    share = torch.bincount(r.kept.long(), minlength=10).double() / 4000
+    want = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    assert (share - want).abs().max() < 0.02  # binomial s.d. at 4000 draws: < 0.006
+
+
+def test_observation_memory_is_bounded_per_quantizer_and_the_ranges_match_a_full_search():
+    # 50 timesteps, each seen in 3 calls of 2 x 4096 heavy-tailed values: what is kept stays within the
+    # quantizer's budget at every call, the extremes are exact, and the MSE ranges found on the sample quantize
+    # all the values nearly as well as a search over all of them (seeds 0-4: at most 6.0 % more error on a row,
+    # 1.0 % on average; a sample of every value would be 0)
+    torch.manual_seed(0)
+    q = TemporalQuantizer(4)
+    q.observing = True
+    everything = {}
+    for call in range(3):
+        for t in range(50):
+            x = (torch.randn(2, 16, 16, 16) * (1 + t / 10)).relu() - 0.2
+            everything.setdefault(t, []).append(x.reshape(-1))
+            q.set_timesteps(torch.full((2,), float(t)))
+            q(x)
+            assert sum(r.kept.numel() for r in q._stats.values()) <= OBSERVED_VALUES_PER_QUANTIZER
+    assert max(r.kept.numel() for r in q._stats.values()) == min(MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER // 50)
+    full = torch.stack([torch.cat(everything[t]) for t in range(50)])
+    assert torch.equal(torch.stack([q._stats[float(t)].lo for t in range(50)]), full.amin(dim=1))
+    assert torch.equal(torch.stack([q._stats[float(t)].hi for t in range(50)]), full.amax(dim=1))
+    q.observing = False
+    q.init_from_observations("mse")
+    qmin, qmax = qrange(4, False)
+
+    def error(delta, zero):
+        return (fake_quant(full, delta[:, None], zero[:, None], qmin, qmax) - full).pow(2).mean(dim=1)
+
+    excess = error(q.delta.detach(), q.zero.detach()) / error(*search_range(full, 4, False, "mse")) - 1
+    assert excess.min() > -1e-6 and excess.max() < 0.12 and excess.mean() < 0.02
 
 
 def test_mixed_timestep_batch_equals_one_timestep_at_a_time():

@@ -197,6 +197,9 @@ class BlockDistiller:
         last = len(self.blocks_q) if self.cfg.max_blocks is None else min(self.cfg.max_blocks, len(self.blocks_q))
         self.block_inputs = self._block_inputs()
         self.block_inputs.last = last
+        # What exists now lives for the whole run: frozen, it is left out of the collections that free each
+        # phase's engine (a full collection of a large process's heap costs more than a small block's training)
+        gc.freeze()
         try:
             if state.block_index and state.block_index < last and self.block_inputs.graph is not None:
                 self._log(f"carrying the outputs of the {state.block_index} finished blocks")
@@ -209,6 +212,7 @@ class BlockDistiller:
                 self.save_checkpoint(DistillState(k + 1, 0))
         finally:
             self.block_inputs.close()
+            gc.unfreeze()
         return self.summaries
 
     def _mean_over_ranks(self, x: torch.Tensor) -> torch.Tensor:

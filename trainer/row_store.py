@@ -31,21 +31,26 @@ class StorageBudget:
     def __init__(self, memory_mb: float, disk_mb: float = 0, disk_dir: str | Path | None = None):
         self.left = {MEMORY: int(memory_mb * 2**20), DISK: int(disk_mb * 2**20)}
         self.disk_dir = Path(disk_dir) if disk_dir else Path(tempfile.gettempdir())
+        self.in_use = self.peak = 0  # bytes held (memory and disk), now and at most
 
     def take(self, nbytes: int) -> str | None:
         """Where `nbytes` more fit (memory first), reserved; None when nowhere."""
+        where = None
         if nbytes <= self.left[MEMORY]:
-            self.left[MEMORY] -= nbytes
-            return MEMORY
-        if nbytes <= self.left[DISK]:
+            where = MEMORY
+        elif nbytes <= self.left[DISK]:
             self.disk_dir.mkdir(parents=True, exist_ok=True)
             if shutil.disk_usage(self.disk_dir).free >= nbytes + DISK_MARGIN:
-                self.left[DISK] -= nbytes
-                return DISK
-        return None
+                where = DISK
+        if where is not None:
+            self.left[where] -= nbytes
+            self.in_use += nbytes
+            self.peak = max(self.peak, self.in_use)
+        return where
 
     def give_back(self, where: str, nbytes: int) -> None:
         self.left[where] += nbytes
+        self.in_use -= nbytes
 
     def disk_tensor(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """A zero-filled CPU tensor backed by a new file in disk_dir. The file is unlinked at once: the mapping
