@@ -37,10 +37,13 @@ def save_model_config(model, folder: Path, fmt: str, version: int) -> None:
 
 
 def build_model(cls, folder: Path, device=None, dtype=None):
-    """A fresh (random-weight) `cls` from the folder's config.json, the qdistill marker left out, on `device` in
-    `dtype` (None: diffusers' defaults, CPU and float32)."""
+    """A fresh `cls` from the folder's config.json, the qdistill marker left out, on `device` in `dtype` (None:
+    diffusers' defaults, CPU and float32). Its weights are left uninitialised: callers load a full state."""
+    from diffusers.models.modeling_utils import no_init_weights
+
     config = dict(cls.load_config(folder))
     config.pop("quantization_config", None)
-    model = cls.from_config(config)
+    with no_init_weights():  # every weight is replaced by the state the caller loads: no random init to throw away
+        model = cls.from_config(config)
     moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
     return model.to(**moves) if moves else model
