@@ -143,14 +143,14 @@ class TemporalQuantizer(TimestepRouted):
         flat = at_least_fp32(x.detach()).reshape(x.shape[0], -1)
         for key in keys.unique().tolist():
             vals = flat[keys == key].reshape(-1)
-            if key not in self._stats:
+            new = key not in self._stats
+            if new:
                 self._stats[key] = Reservoir(vals)
-                for r in self._stats.values():  # one more timestep shares the quantizer's budget
-                    r.shrink(self._cap())
-            self._stats[key].add(vals, self._cap())
-
-    def _cap(self) -> int:
-        return min(MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER // max(1, len(self._stats)))
+            cap = min(MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER // len(self._stats))
+            if new:  # one more timestep shares the quantizer's budget
+                for r in self._stats.values():
+                    r.shrink(cap)
+            self._stats[key].add(vals, cap)
 
     @torch.no_grad()
     def init_from_observations(self, method: str = "mse") -> None:

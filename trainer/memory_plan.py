@@ -206,13 +206,14 @@ def _block_costs(teacher, student, blocks_fp, blocks_q, recipe: str, make_inputs
     fake-quantized copies) is left out of them. Saved activations are also kept as measured at the batch, where
     quantized attention is chunked (and checkpointed) as training will chunk it."""
     sizes = (1, max(2, batch))
-    fp = {n: _calls(teacher, blocks_fp, make_inputs(n)) for n in sizes}
-    q = {n: _calls(student, blocks_q, make_inputs(n))[0] for n in sizes}
+    inputs = {n: make_inputs(n) for n in sizes}
+    fp = {n: _calls(teacher, blocks_fp, inputs[n]) for n in sizes}
+    q = {n: _calls(student, blocks_q, inputs[n])[0] for n in sizes}
     costs = []
     for k, b in enumerate(blocks_q):
         runs = []
         for n in sizes:
-            set_timesteps(student, make_inputs(n)["timestep"])  # the tables route the batch run here
+            set_timesteps(student, inputs[n]["timestep"])  # the tables route the batch run here
             runs.append(_run_costs(b.module, *q[n][k]))
         extra = sizes[1] - 1
         flops, saved = ((y - x) // extra for x, y in zip(*runs))
