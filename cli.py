@@ -21,8 +21,8 @@ import types
 import typing
 
 from .configs import installed_configs, load_config, resolve_config
-from .configs.schema import (BenchmarkConfig, EvalConfig, ExportConfig, QuantizeRunConfig, TrainConfig,
-                             TrajectoryConfig)
+from .configs.schema import (BenchmarkConfig, EvalConfig, ExportConfig, QuantizeRunConfig, SensitivityConfig,
+                             TrainConfig, TrajectoryConfig)
 from .errors import QdistillError
 
 # subcommand: (config class, what it does)
@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "train": (TrainConfig, "block-wise distillation on DeepSpeed (dilatequant or qdiffusion recipe)"),
     "export": (ExportConfig, "pack a trained model's integer weights (optionally PTQD, mixed precision)"),
     "eval": (EvalConfig, "judge an export: FD, PSNR/SSIM and noise MSE vs FP, FID/CLIP with local weights"),
+    "sensitivity": (SensitivityConfig, "per-layer sensitivity: the error of each quantized layer alone, and without it"),
     "benchmark": (BenchmarkConfig, "FP and every recipe side by side on the bench model"),
 }
 

@@ -40,16 +40,16 @@ def block_loss(block, batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def loss_per_timestep(block, cache, t_rows: torch.Tensor) -> dict[int, float]:
-    losses = torch.cat([block_loss(block, cache.select(idx)) for idx in torch.arange(len(t_rows)).split(64)])
+def loss_per_timestep(block, inputs, t_rows: torch.Tensor) -> dict[int, float]:
+    losses = torch.cat([block_loss(block, inputs.batch(idx)) for idx in torch.arange(len(t_rows)).split(64)])
     return {int(t): losses[t_rows == t].mean().item() for t in t_rows.unique().tolist()}
 
 
-def train(block, cache, batches, cfg) -> float:
+def train(block, inputs, batches, cfg) -> float:
     optimizer = torch.optim.Adam(parameter_groups(block, cfg.lr_weights, cfg.lr_quant))
     t0 = time.time()
     for rows in batches:
-        loss = block_loss(block, cache.select(rows)).mean()
+        loss = block_loss(block, inputs.batch(rows)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -76,9 +76,13 @@ def main(argv=None) -> int:
     distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, cfg.distill, {}, "runs/unused")
     for p in student.parameters():
         p.requires_grad_(False)
-    cache = distiller.capture_rows(k)
-    if cache is None:
-        sys.exit("the block's rows do not fit in distill.cache_mb; raise it")
+    inputs = distiller.block_inputs = distiller._block_inputs()
+    inputs.last = k + 1
+    for j in range(k):  # the blocks before k carry their outputs (or, without a graph, k's inputs are recomputed)
+        inputs.skip(j)
+    inputs.begin(k)
+    if not inputs.cached:
+        sys.exit("the block's rows do not fit in distill.cache_mb / cache_disk_mb; raise them")
     t_rows = torch.cat([shard["timestep"][:] for shard in shards]).float()  # the cache holds rows in shard order
     timesteps = sorted(t_rows.unique().tolist(), reverse=True)  # sampling order
     start = blocks_q[k].module
@@ -92,11 +96,11 @@ def main(argv=None) -> int:
 
     results = {"block": args.block, "timesteps": len(timesteps), "rows": len(t_rows), "batch_size": b,
                "updates_per_timestep": args.updates, "manifest": read_manifest(cfg.trajectories)["selection"],
-               "initial_loss_per_t": loss_per_timestep(start, cache, t_rows)}
+               "initial_loss_per_t": loss_per_timestep(start, inputs, t_rows)}
     parallel = trainable(copy.deepcopy(start))
     batches = [torch.randint(len(t_rows), (b,), generator=g) for _ in range(args.updates)]
-    results["parallel"] = {"iterations": len(batches), "seconds": round(train(parallel, cache, batches, cfg.distill), 2)}
-    results["parallel"]["loss_per_t"] = loss_per_timestep(parallel, cache, t_rows)
+    results["parallel"] = {"iterations": len(batches), "seconds": round(train(parallel, inputs, batches, cfg.distill), 2)}
+    results["parallel"]["loss_per_t"] = loss_per_timestep(parallel, inputs, t_rows)
 
     sequential = trainable(copy.deepcopy(start))
     batches = []
@@ -104,14 +108,14 @@ def main(argv=None) -> int:
         rows_t = torch.nonzero(t_rows == t).flatten()
         batches += [rows_t[torch.randint(len(rows_t), (b,), generator=g)] for _ in range(args.updates)]
     results["sequential"] = {"iterations": len(batches),
-                             "seconds": round(train(sequential, cache, batches, cfg.distill), 2)}
-    results["sequential"]["loss_per_t"] = loss_per_timestep(sequential, cache, t_rows)
+                             "seconds": round(train(sequential, inputs, batches, cfg.distill), 2)}
+    results["sequential"]["loss_per_t"] = loss_per_timestep(sequential, inputs, t_rows)
     # and parallel again with as many iterations as the sequential run: the same compute
     long = trainable(copy.deepcopy(start))
     batches = [torch.randint(len(t_rows), (b,), generator=g) for _ in range(args.updates * len(timesteps))]
     results["parallel_same_compute"] = {"iterations": len(batches),
-                                        "seconds": round(train(long, cache, batches, cfg.distill), 2)}
-    results["parallel_same_compute"]["loss_per_t"] = loss_per_timestep(long, cache, t_rows)
+                                        "seconds": round(train(long, inputs, batches, cfg.distill), 2)}
+    results["parallel_same_compute"]["loss_per_t"] = loss_per_timestep(long, inputs, t_rows)
     for key in ("parallel", "sequential", "parallel_same_compute"):
         results[key]["mean_loss"] = sum(results[key]["loss_per_t"].values()) / len(timesteps)
     results["initial_mean_loss"] = sum(results["initial_loss_per_t"].values()) / len(timesteps)

@@ -56,6 +56,30 @@ class QuantizeRunConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """`qdistill sensitivity`: per quantized layer and attention processor, the noise-prediction error against FP
+    with only it quantized and with only it left in FP, overall and per timestep bucket, on calibration rows."""
+
+    model: str = "bench/teacher"
+    trajectories: str = "runs/trajectories"  # recorded by `qdistill calibrate` from the same model
+    out: str = "runs/sensitivity"
+    quantized: str | None = None  # a trained model (a run folder or its quantized/); None: RTN ranges per `quant`
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
+    quant: QuantConfig = field(default_factory=QuantConfig)  # RTN's quantization (ignored with `quantized`)
+    init_rows: int = 1024  # calibration rows (strided over all shards) for RTN's activation ranges
+    rows: int = 256  # calibration rows (strided over all shards) the errors are measured on
+    batch_size: int = 64
+    buckets: int = 4  # timestep buckets, equal parts of the training timesteps
+    top: int = 20  # units in the printed table and the chart (the JSON and the Markdown file have all)
+    seed: int = 0  # the RNG of RTN's activation-range subsample
+
+    def __post_init__(self):
+        for key in ("init_rows", "rows", "batch_size", "buckets", "top"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
 class TrajectoryConfig:
     """`qdistill calibrate`: FP sampler trajectories of a model folder, recorded as sharded datasets."""
 
@@ -106,8 +130,12 @@ class DistillConfig:
     log_every: int = 10
     seed: int = 0
     max_blocks: int | None = None  # train only the first N blocks (a smoke run at full size); None: all
+    keep_best: bool = True  # never worse: each phase of a block keeps its best state on the held-out batch
+    eval_every: int = 100  # iterations between held-out evaluations inside a phase (keep_best); 0: its end only
 
     def __post_init__(self):
+        if self.eval_every < 0:
+            raise ValueError(f"distill.eval_every must be >= 0 (0: at the end of each phase only), got {self.eval_every}")
         if self.max_blocks is not None and self.max_blocks < 1:
             raise ValueError(f"distill.max_blocks must be >= 1 or null, got {self.max_blocks}")
         for key in ("iterations", "batch_size", "init_rows", "log_every"):

@@ -52,6 +52,15 @@ def read_quantized_meta(path: str | Path) -> dict:
     return meta
 
 
+def quantized_folder(run: str | Path) -> Path:
+    """The quantized model of `run`: RUN/quantized when it holds one (a run folder), else RUN itself."""
+    run = Path(run)
+    qdir = run / "quantized" if (run / "quantized" / META_FILE).is_file() else run
+    if not (qdir / META_FILE).is_file():
+        raise CheckpointError(f"{run} holds no quantized model ({run / 'quantized' / META_FILE} not found)")
+    return qdir
+
+
 def load_quantized(path: str | Path, device=None, dtype=None):
     """Rebuild a model saved by `save_quantized`: same diffusers class, quantized, state loaded, on `device` in
     `dtype` (the quantizer state with it)."""

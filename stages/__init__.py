@@ -11,9 +11,10 @@ from .calibrate import calibrate
 from .evaluate import evaluate
 from .export import export
 from .quantize import quantize
+from .sensitivity import sensitivity
 from .train import train
 
 STAGES = {"calibrate": calibrate, "quantize": quantize, "train": train, "export": export, "eval": evaluate,
-          "benchmark": benchmark}
+          "benchmark": benchmark, "sensitivity": sensitivity}
 
-__all__ = ["STAGES", "benchmark", "calibrate", "evaluate", "export", "quantize", "train"]
+__all__ = ["STAGES", "benchmark", "calibrate", "evaluate", "export", "quantize", "sensitivity", "train"]

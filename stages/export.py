@@ -34,9 +34,9 @@ from ..data.calibration_set import read_manifest
 from ..data.prompts import load_prompts
 from ..data.trajectories import Conditioning, class_labels, record_trajectories, seed_batches
 from ..devices import autocast, resolve_device
-from ..errors import CheckpointError, ConfigError, ExportError, ModelFolderError
+from ..errors import ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
-from ..export.quantized import META_FILE, read_quantized_meta
+from ..export.quantized import quantized_folder, read_quantized_meta
 from ..quantizers import NoiseCorrection, bits_tag, measure_noise_correction
 from ..quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits, with_weight_bits
 
@@ -49,9 +49,7 @@ def export(cfg: ExportConfig) -> dict:
         raise ConfigError("config key 'run' is required: the run folder to export (--run RUN or run=RUN)")
     run = Path(cfg.run)
     out = Path(cfg.out) if cfg.out else run / "export"
-    qdir = run / "quantized" if (run / "quantized" / META_FILE).is_file() else run
-    if not (qdir / META_FILE).is_file():
-        raise CheckpointError(f"{run} holds no quantized model ({run / 'quantized' / META_FILE} not found)")
+    qdir = quantized_folder(run)
     meta = read_quantized_meta(qdir)
     device = resolve_device(cfg.device)
     model = load_quantized(qdir, device=device)

@@ -11,8 +11,13 @@ and stops the forward), with the blocks before it returning their carried output
 (trainer/block_inputs.py): about one teacher and one student forward of the block per row. They are computed
 once per block for all of this rank's rows and kept within `cache_mb` (memory) and `cache_disk_mb` (local
 disk), otherwise captured again for every batch. One DeepSpeed engine per phase of a block, with the
-phase's parameter groups and learning rates. Before its first phase and after its last, every block's output
-MSE is measured on one fixed batch (`init_mse`, `final_mse` in the summaries).
+phase's parameter groups and learning rates.
+
+Never worse than the start (`distill.keep_best`, trainer/best_state.py): every block's output MSE is measured on
+one held-out batch (rows no iteration trains on, the same for every block) before its first phase, every
+`eval_every` iterations, and at the end of each phase; a phase that ends worse than the best state it reached
+(its start included) is reverted to that state and reported. Summaries record `init_mse` (before training),
+`final_mse` (where training ended) and `best_mse` (what the block keeps).
 
 Data parallel over calibration rows (trainer/row_plan.py): every iteration takes a fixed number of rows from
 every shard, drawn by a pure function of (seed, block, iteration, shard), and each rank trains on an equal slice
@@ -37,16 +42,16 @@ from ..devices import autocast, cast_inputs
 from ..errors import DivergenceError
 from ..progress import progress
 from ..quantizers import Block, set_timesteps
+from .best_state import BestState
 from .block_graph import trace_block_graph
 from .block_inputs import BlockInputs
 from .phases import DistillPhase, Phase, per_sample_mse
-from .row_plan import draw_rows, rank_share, rows_per_shard
+from .row_plan import draw_rows, held_out_rows, rank_share, rows_per_shard
 from .row_store import StorageBudget
 from .run_state import CHECKPOINT, DistillState, RunCheckpoint
 from .tb_logging import log_block, log_scalars
 
 logger = logging.getLogger(__name__)
-EVAL_ITERATION = -1  # the rows of a block's fixed evaluation batch: drawn like an iteration no phase runs
 
 
 def release_engine(engine) -> None:
@@ -87,6 +92,9 @@ class BlockDistiller:
         self.shard_lengths = [len(shard) for shard in shards]
         self.share = rank_share(self.shard_lengths, cfg.batch_size, rank, world_size)
         self.counts = rows_per_shard(len(shards), cfg.batch_size)
+        # per shard of this rank: the held-out evaluation rows and the rows iterations draw from
+        self.held, self.pools = zip(*(held_out_rows(cfg.seed, sid, self.shard_lengths[sid], self.counts[sid])
+                                      for sid, _, _ in self.share))
         self.shards = [shards[sid] for sid, _, _ in self.share]
         self.offsets = [0]
         for s in self.shards:
@@ -105,11 +113,12 @@ class BlockDistiller:
             self.ds_config["torch_autocast"] = {"enabled": True, "lower_precision_safe_modules": [],
                                                 "dtype": {"bf16": "bfloat16", "fp16": "float16"}[precision]}
         self.checkpoint = RunCheckpoint(self.out, rank, world_size)
+        self.best: BestState | None = None  # the block's best state in the phase under way (keep_best)
 
     # -- data ---------------------------------------------------------------------------------------
     def _rows(self, block_index: int, iteration: int) -> list[torch.Tensor]:
-        return [draw_rows(self.cfg.seed, block_index, iteration, sid, self.shard_lengths[sid], self.counts[sid])[a:b]
-                for sid, a, b in self.share]
+        return [pool[draw_rows(self.cfg.seed, block_index, iteration, sid, len(pool), self.counts[sid])][a:b]
+                for (sid, a, b), pool in zip(self.share, self.pools)]
 
     def _model_inputs(self, rows: torch.Tensor) -> dict:
         """Model kwargs of `rows`: indices into this rank's shards, one after another, grouped by shard."""
@@ -139,8 +148,7 @@ class BlockDistiller:
         return BlockInputs(self.teacher, self.student, self.blocks_fp, self.blocks_q, chunks, self._model_inputs,
                            self.cfg.block_input == "quantized", budget, graph, self.device, self.precision, self.rank)
 
-    def _batch(self, k: int, iteration: int) -> dict:
-        rows = self._rows(k, iteration)
+    def _batch(self, rows: list[torch.Tensor]) -> dict:
         return self.block_inputs.batch(torch.cat([r + off for r, off in zip(rows, self.offsets)]))
 
     # -- checkpoints (trainer/run_state.py) ---------------------------------------------------------
@@ -152,10 +160,11 @@ class BlockDistiller:
             block = (state.block_index, self.blocks_q[state.block_index].name, False)
         else:  # block k - 1 has just finished
             block = (state.block_index - 1, self.blocks_q[state.block_index - 1].name, True) if state.block_index else None
+        best = self.best.state if state.iteration and self.best is not None else None
         self.checkpoint.save(self.student, {
             "block_index": state.block_index, "phase": state.phase, "phase_name": phase,
             "iteration": state.iteration, "blocks": [b.name for b in self.blocks_q], "summaries": self.summaries,
-            "current_block": self.current, "run_config": self.run_config}, engine, block)
+            "current_block": self.current, "run_config": self.run_config}, engine, block, best)
 
     def load_checkpoint(self) -> DistillState:
         """The state to start from: a fresh one, or the run folder's checkpoint (student state loaded; a block
@@ -172,6 +181,10 @@ class BlockDistiller:
         self.checkpoint.load_rng()
         self.summaries = progress.get("summaries", [])
         self.current = progress.get("current_block") or {}
+        best, saved = self.current.get("best"), self.checkpoint.load_best(self.device)
+        if state.iteration and best is not None and saved is not None:
+            self.best = BestState(self.blocks_q[state.block_index].module, best["mse"], best["where"], saved,
+                                  best["start"])
         return state
 
     # -- training -----------------------------------------------------------------------------------
@@ -224,9 +237,9 @@ class BlockDistiller:
 
     @torch.no_grad()
     def evaluate(self, k: int) -> float:
-        """Block k's output MSE against the FP block on one fixed batch, as it is now."""
+        """Block k's output MSE against the FP block on the held-out batch, as it is now."""
         block = self.blocks_q[k].module
-        data = self._batch(k, EVAL_ITERATION)
+        data = self._batch([held[a:b] for (_, a, b), held in zip(self.share, self.held)])
         set_timesteps(block, data["t"])
         with autocast(self.device, self.precision):
             out = block(*data["args"], **data["kwargs"])
@@ -243,7 +256,11 @@ class BlockDistiller:
             self.current = {"init_mse": self.evaluate(k), "phases": []}
         for p in range(first_phase, len(self.phases)):
             phase, begin = self.phases[p], start if p == first_phase else 0
-            if not begin:  # a resumed phase was entered before its checkpoint was loaded
+            if not begin:  # a resumed phase was entered before its checkpoint was loaded (and its best state)
+                if self.cfg.keep_best:  # before enter: a phase that adds state (AdaRound's α) is undone whole
+                    done = self.current["phases"]  # the block as the previous phase left it, or untrained
+                    self.best = BestState(block, done[-1]["best_mse"] if done else self.current["init_mse"])
+                    self.current["best"] = self.best.info()
                 phase.enter(block)
             groups = phase.param_groups(block)
             if groups and begin < phase.iterations:
@@ -251,22 +268,23 @@ class BlockDistiller:
                 if begin:
                     self.checkpoint.load_engine(engine)
                 try:
-                    self.current["phases"].append(self._train_phase(engine, k, p, begin))
+                    summary = self._train_phase(engine, k, p, begin)
                 finally:
                     release_engine(engine)
                     del engine
                     gc.collect()  # the engine's reference cycles; device memory does not prompt Python's GC
             else:
-                self.current["phases"].append({"phase": phase.name, "iterations": 0, "first_loss": None,
-                                               "final_loss": None, "seconds": 0.0, "samples_per_s": None})
+                summary = {"phase": phase.name, "iterations": 0, "first_loss": None, "final_loss": None,
+                           "seconds": 0.0, "samples_per_s": None}
             phase.leave(block)
+            self.current["phases"].append({**summary, **self._keep_best(k, p)})
             if p + 1 < len(self.phases):
                 self.save_checkpoint(DistillState(k, 0, p + 1))
-        final_mse = self.evaluate(k)
+        phases = self.current["phases"]
+        final_mse, best_mse = phases[-1]["final_mse"], phases[-1]["best_mse"]
         t0 = time.time()
         self.block_inputs.end(k)
         cache_seconds += time.time() - t0
-        phases = self.current["phases"]
         seconds = sum(ph["seconds"] for ph in phases)
         summary = {"block": name, "first_loss": phases[0]["first_loss"], "final_loss": phases[-1]["final_loss"],
                    "iterations": sum(ph["iterations"] for ph in phases), "seconds": round(seconds, 3),
@@ -274,12 +292,32 @@ class BlockDistiller:
                    "capture_forwards_per_row": round(self.block_inputs.forwards / self.offsets[-1], 3),
                    "samples_per_s": round(sum(ph["iterations"] for ph in phases) * self.cfg.batch_size / seconds, 1)
                    if seconds > 0 else None,
-                   "init_mse": self.current["init_mse"], "final_mse": final_mse, "phases": phases}
+                   "init_mse": self.current["init_mse"], "final_mse": final_mse, "best_mse": best_mse,
+                   "reverted": [f"{ph['phase']}: kept {ph['kept']}" for ph in phases if ph["kept"] != "end"],
+                   "phases": phases}
         self.summaries.append(summary)
         if self.writer is not None:
             log_block(self.writer, block, name, k, summary)
+        kept = f"; kept {best_mse:.3e} ({', '.join(summary['reverted'])})" if summary["reverted"] else ""
         self._log(f"block {k + 1}/{len(self.blocks_q)} {name}: block-output MSE {summary['init_mse']:.3e} -> "
-                  f"{summary['final_mse']:.3e}")
+                  f"{final_mse:.3e}{kept}")
+
+    def _keep_best(self, k: int, p: int) -> dict:
+        """At the end of phase p of block k: its held-out MSE at the start, where training ended and what the block
+        keeps (the state where training ended, or the best one it reached when that was better)."""
+        final = self.evaluate(k)
+        if self.best is None:  # keep_best off
+            return {"final_mse": final, "best_mse": final, "kept": "end"}
+        best, self.best = self.best, None
+        self.current.pop("best", None)
+        if final <= best.mse:  # training's end is (at least as good as) the best: kept as it is
+            best.mse, best.where = final, "end"
+        else:
+            best.restore(self.blocks_q[k].module)
+            self._log(f"block {k + 1}/{len(self.blocks_q)} {self.blocks_q[k].name}, phase {self.phases[p].name}: "
+                      f"training ended at held-out MSE {final:.3e}, worse than at {best.where} ({best.mse:.3e}); "
+                      f"reverted to that state")
+        return {"start_mse": best.start, "final_mse": final, "best_mse": best.mse, "kept": best.where}
 
     def _train_phase(self, engine, k: int, p: int, start: int) -> dict:
         cfg, name, block, phase = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module, self.phases[p]
@@ -290,7 +328,7 @@ class BlockDistiller:
         params = [q for q in block.parameters() if q.requires_grad]
         t0, first_loss, loss_value, samples, updated = time.time(), None, None, 0, None
         for it in bar:
-            data = self._batch(k, offset + it)
+            data = self._batch(self._rows(k, offset + it))
             set_timesteps(block, data["t"])
             with autocast(self.device, self.precision):
                 out = engine(*data["args"], **data["kwargs"])
@@ -314,6 +352,11 @@ class BlockDistiller:
                             data["t"], samples / (time.time() - t0),
                             {f"{phase.name}/{key}": v for key, v in phase.scalars(block, it).items()})
             bar.set_postfix(loss=f"{loss_value:.3e}")
+            if self.best is not None and phase.keeps_best_inside and cfg.eval_every \
+                    and (it + 1) % cfg.eval_every == 0 and it + 1 < phase.iterations:
+                self._check_update(updated.item(), name, it)  # a non-finite state is never kept
+                self.best.offer(block, self.evaluate(k), f"iteration {it + 1}")
+                self.current["best"] = self.best.info()
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < phase.iterations:
                 self._check_update(updated.item(), name, it)  # nothing non-finite is checkpointed
                 self.save_checkpoint(DistillState(k, it + 1, p), engine)

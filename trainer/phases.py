@@ -62,6 +62,9 @@ class Phase:
 
     name: str = "phase"
     iterations: int = 0
+    # whether the block's state inside the phase is what it will be after `leave`, so that it can be judged and
+    # kept mid-phase (never-worse, trainer/best_state.py); otherwise only the end is compared with the start
+    keeps_best_inside: bool = True
 
     def enter(self, block: nn.Module) -> None:
         raise NotImplementedError

@@ -31,6 +31,7 @@ class RoundingPhase(Phase):
     """Phase 1: AdaRound on every quantized layer of the block; only α learns; the block's activations unquantized."""
 
     name = "rounding"
+    keeps_best_inside = False  # soft rounding, activations off: not the block `leave` makes
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -50,3 +50,15 @@ def draw_rows(seed: int, block_index: int, iteration: int, shard_index: int, sha
     key = ((seed * 1_000_003 + block_index) * 1_000_003 + iteration) * 1_000_003 + shard_index
     g = torch.Generator().manual_seed(key % (2**63))
     return torch.randperm(shard_len, generator=g)[:count]
+
+
+def held_out_rows(seed: int, shard_index: int, shard_len: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held, pool) of one shard: `count` rows kept out of training for the run's evaluation batch (the same for
+    every block), and the rows training draws from. A shard with fewer than 2·count rows holds none out: its
+    evaluation rows are trained on too."""
+    held = draw_rows(seed, -1, -1, shard_index, shard_len, count)
+    if shard_len < 2 * count:
+        return held, torch.arange(shard_len)
+    keep = torch.ones(shard_len, dtype=torch.bool)
+    keep[held] = False
+    return held, keep.nonzero().flatten()

@@ -5,6 +5,7 @@
     OUT/checkpoint/student.safetensors    the whole student, as of the run's first checkpoint
     OUT/checkpoint/block-NNN.safetensors  block NNN's state when it finished
     OUT/checkpoint/current.safetensors    inside a block: that block's state (with what its phase added, e.g. α)
+    OUT/checkpoint/best.safetensors       inside a phase: the block's best state so far (trainer/best_state.py)
     OUT/checkpoint/engine/                the live DeepSpeed engine (optimizer partitions), inside a block only
     OUT/checkpoint/rng-rankR.pt           each rank's torch RNG state
 
@@ -33,6 +34,7 @@ from ..files import recover_dir, replace_dir
 CHECKPOINT = "checkpoint"
 STUDENT = "student.safetensors"
 CURRENT = "current.safetensors"
+BEST = "best.safetensors"
 PROGRESS = "progress.json"
 ENGINE = "engine"
 
@@ -63,10 +65,12 @@ class RunCheckpoint:
         if self.world_size > 1:
             dist.barrier()
 
-    def save(self, student, progress: dict, engine=None, block: tuple[int, str, bool] | None = None) -> None:
+    def save(self, student, progress: dict, engine=None, block: tuple[int, str, bool] | None = None,
+             best: dict[str, torch.Tensor] | None = None) -> None:
         """Every rank calls this: rank 0 writes the student and `progress`, every rank its RNG state and its
         part of the live `engine` (when given). `block` = (index, module name, finished): the only block whose
-        state changed since the last checkpoint; None writes the whole student."""
+        state changed since the last checkpoint; None writes the whole student. `best`: the block's best state
+        inside a phase."""
         tmp = self.out / f".{CHECKPOINT}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +83,8 @@ class RunCheckpoint:
         torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
             files = self._write_student(student, tmp, block)
+            if best is not None:
+                save_file({k: v.contiguous().cpu() for k, v in best.items()}, str(tmp / BEST))
             (tmp / PROGRESS).write_text(json.dumps({**progress, "world_size": self.world_size,
                                                     "student_files": files}, indent=2))
         self._barrier()
@@ -164,6 +170,16 @@ class RunCheckpoint:
             names = ", ".join(f["file"] for f in self.student_files)
             raise CheckpointError(f"the student's state in {self.path} ({names}) does not fit this model: "
                                   f"{str(e).splitlines()[0]}") from None
+
+    def load_best(self, device=None) -> dict[str, torch.Tensor] | None:
+        """The block's best state of a mid-phase checkpoint, or None when it has none."""
+        path = self.path / BEST
+        if not path.exists():
+            return None
+        try:
+            return load_file(str(path), device=str(device or "cpu"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {path} is corrupted or truncated: {e}") from None
 
     def load_rng(self) -> None:
         rng = self.path / f"rng-rank{self.rank}.pt"

@@ -40,9 +40,11 @@ def log_scalars(writer, engine, name: str, step: int, loss: float, per_sample: t
 
 
 def log_block(writer, block: nn.Module, name: str, k: int, summary: dict) -> None:
-    """After block k: its step-size histograms and its output MSE before and after (curves over the blocks)."""
+    """After block k: its step-size histograms and its held-out output MSE before training, where training ended
+    and what the block keeps (curves over the blocks)."""
     for mname, m in block.named_modules():
         if isinstance(m, (UniformQuantizer, TemporalQuantizer)):
             writer.add_histogram(f"step_size/{name}.{mname}", m.delta.detach().abs().cpu(), k)
     writer.add_scalar("block_mse/init", summary["init_mse"], k)
     writer.add_scalar("block_mse/final", summary["final_mse"], k)
+    writer.add_scalar("block_mse/kept", summary["best_mse"], k)
