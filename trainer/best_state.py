@@ -26,12 +26,10 @@ class BestState:
         self.mse, self.where = (mse if math.isfinite(mse) else math.inf), where
         self.state = _copy(block) if state is None else state
 
-    def offer(self, block: nn.Module, mse: float, where: str) -> bool:
+    def offer(self, block: nn.Module, mse: float, where: str) -> None:
         """Keep the block's current state if its MSE is lower (a non-finite MSE never is)."""
-        if not (math.isfinite(mse) and mse < self.mse):
-            return False
-        self.mse, self.where, self.state = mse, where, _copy(block)
-        return True
+        if math.isfinite(mse) and mse < self.mse:
+            self.mse, self.where, self.state = mse, where, _copy(block)
 
     def restore(self, block: nn.Module) -> None:
         block.load_state_dict(self.state, strict=True)

@@ -181,8 +181,9 @@ class BlockDistiller:
         self.checkpoint.load_rng()
         self.summaries = progress.get("summaries", [])
         self.current = progress.get("current_block") or {}
-        best, saved = self.current.get("best"), self.checkpoint.load_best(self.device)
-        if state.iteration and best is not None and saved is not None:
+        best = self.current.get("best") if state.iteration else None  # a best state exists inside a phase only
+        saved = self.checkpoint.load_best(self.device) if best is not None else None
+        if saved is not None:
             self.best = BestState(self.blocks_q[state.block_index].module, best["mse"], best["where"], saved,
                                   best["start"])
         return state
