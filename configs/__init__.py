@@ -99,6 +99,11 @@ def _coerce(value: Any, tp: Any, key: str):
         if value not in args:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        key_tp, value_tp = args or (Any, Any)
+        return {_coerce(k, key_tp, f"{key}[{k!r}]"): _coerce(v, value_tp, f"{key}[{k!r}]") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")

@@ -297,7 +297,7 @@ class EvalConfig:
 class BenchmarkConfig:
     """`qdistill benchmark`: FP and every recipe side by side on the bench model (same calibration data, seeds and
     sampler), each stage run as `qdistill ...` and each row judged by `qdistill eval` on its export. Unset sizes
-    take the full table's defaults (200 iterations, 500 samples, 50 steps) or, with quick=true, 30, 256, 25."""
+    take the full table's defaults (200 iterations, 2000 samples, 50 steps) or, with quick=true, 30, 256, 25."""
 
     quick: bool = False  # W4A8 only, short training, 256 samples, 25 steps (about 10 minutes on 2 cores)
     out: str | None = None  # results folder; default runs/benchmark (quick: runs/benchmark-quick)
@@ -315,10 +315,16 @@ class BenchmarkConfig:
     nc_samples: int = 64  # FP trajectories for PTQD's statistics
     mode: Literal["integer", "simulated"] = "integer"
     extra_rows: bool = True  # the DDPM and mixed-precision rows
+    keep_sensitive_rows: bool = True  # rtn and dilatequant with quant.keep_sensitive=auto, at every bits
+    noise_floor: bool = True  # the FP model's FD on a second, disjoint seed set
+    sensitivity_top: int = 3  # each trained model's most sensitive units (`qdistill sensitivity`); 0: none
+    sensitivity_rows: int = 64  # calibration rows that sensitivity measures on
     update: str | None = None  # also write the table into this Markdown file's marked section
 
     def __post_init__(self):
-        for key in ("iterations", "num_samples", "steps", "fidelity_samples", "nc_samples"):
+        for key in ("iterations", "num_samples", "steps", "fidelity_samples", "nc_samples", "sensitivity_rows"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.sensitivity_top < 0:
+            raise ValueError(f"sensitivity_top must be >= 0 (0: none), got {self.sensitivity_top}")

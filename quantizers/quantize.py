@@ -6,15 +6,15 @@ The model keeps its class and call signature, so it still runs inside diffusers 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
 from .attention import QuantAttnProcessor
+from .layer_precision import assign_layer_bits, parse_layer_bits
 from .layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLinear
 from .routing import set_timesteps
 from .temporal import TemporalQuantizer
@@ -40,6 +40,14 @@ class QuantConfig:
     attention_chunk_mb: float = 1024  # attention scores held at once, per attention call (0: no bound)
     first_last_bits: int | None = 8  # first and last conv; None keeps them in floating point
     time_embedding_bits: int | None = 8  # the timestep-embedding MLP; None keeps it in floating point
+    # module-name patterns -> bits (8, "W4A8", or null/"fp"), over the rules above (quantizers/layer_precision.py)
+    layer_bits: dict[str, int | str | None] = field(default_factory=dict)
+    # auto: before quantize_, the most sensitive layers go to keep_sensitive_bits within keep_sensitive_budget
+    # (extra bit-operations relative to the rules alone), measured on keep_sensitive_rows calibration rows
+    keep_sensitive: Literal["off", "auto"] = "off"
+    keep_sensitive_bits: list[int | str | None] = field(default_factory=lambda: ["fp", 8])  # highest first
+    keep_sensitive_budget: float = 0.03
+    keep_sensitive_rows: int = 256
 
     def __post_init__(self):
         for key in ("weight_bits", "act_bits", "softmax_bits", "attention_bits", "first_last_bits",
@@ -47,6 +55,22 @@ class QuantConfig:
             value = getattr(self, key)
             if value is not None or key in ("weight_bits", "act_bits", "softmax_bits"):
                 check_bits(value, key)
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"layer_bits must map module-name patterns to bits, got {self.layer_bits!r}")
+        for pattern, value in self.layer_bits.items():
+            parse_layer_bits(value, f"layer_bits[{pattern!r}]")
+        if not isinstance(self.keep_sensitive_bits, (list, tuple)) or not self.keep_sensitive_bits:
+            raise ValueError(f"keep_sensitive_bits must be a non-empty list of bits (highest first), got "
+                             f"{self.keep_sensitive_bits!r}")
+        for value in self.keep_sensitive_bits:
+            parse_layer_bits(value, "keep_sensitive_bits")
+        if self.keep_sensitive not in ("off", "auto"):
+            raise ValueError(f"keep_sensitive must be 'off' or 'auto', got {self.keep_sensitive!r}")
+        if not self.keep_sensitive_budget >= 0:
+            raise ValueError(f"keep_sensitive_budget must be >= 0 (extra bit-operations, relative), got "
+                             f"{self.keep_sensitive_budget}")
+        if self.keep_sensitive_rows < 1:
+            raise ValueError(f"keep_sensitive_rows must be >= 1, got {self.keep_sensitive_rows}")
         if not self.attention_chunk_mb >= 0:
             raise ValueError(f"attention_chunk_mb must be >= 0 (0: no bound), got {self.attention_chunk_mb}")
 
@@ -113,22 +137,17 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
     config = config or QuantConfig()
     if getattr(model, "qdistill_config", None) is not None:
         raise ValueError("model is already quantized")
-    layers = _quantizable(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize")
-    first, last = layers[0][0], layers[-1][0]
-    time_embedding = [n for n, m in model.named_modules() if isinstance(m, TimestepEmbedding)]
+    if config.keep_sensitive == "auto":
+        raise ValueError("quant.keep_sensitive=auto is chosen from data: resolve it with "
+                         "select_sensitive_layers(fp_model, config, init_batches, batches) and quantize_ with the "
+                         "config it returns")
+    bits = assign_layer_bits(model, config)
     splits = shortcut_splits(model) if config.shortcut_split else {}
 
-    for name, module in layers:
-        if name in (first, last):
-            wbits = abits = config.first_last_bits
-        elif any(name.startswith(p + ".") for p in time_embedding):
-            wbits = abits = config.time_embedding_bits
-        else:
-            wbits, abits = config.weight_bits, config.act_bits
-        if wbits is None:
+    for name, module in _quantizable(model):
+        if bits[name] is None:
             continue  # kept in floating point by config
+        wbits, abits = bits[name]
         spec = LayerSpec(wbits, abits, config.weight_symmetric, config.act_symmetric, config.per_timestep)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         _set_module(model, name, cls.from_float(module, spec, splits.get(name, ())))

@@ -1,7 +1,7 @@
 """benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same calibration data,
 seeds and sampler, each judged by `qdistill eval` on its export.
 
-    qdistill benchmark                  # the full table (about 75 minutes on a 2-core CPU)
+    qdistill benchmark                  # the full table (2000 samples a row: several hours on a 2-core CPU)
     qdistill benchmark quick=true       # W4A8 only, short training, 256 samples (about 10 minutes)
 
 Recipes (DESIGN.md §3.1–3.8; each an installed config, run by the same `qdistill` stages users run):
@@ -38,12 +38,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..configs import CONFIG_DIR
-from ..configs.schema import BenchmarkConfig
+from ..configs.schema import BenchmarkConfig, EvalConfig
 from ..errors import ConfigError, QdistillError
 from ..files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 QDISTILL = [sys.executable, "-m", "qdistill"]
+EVAL_SEED = EvalConfig.seed  # `qdistill eval`'s first seed, which every row samples from
 BITS = ("W8A8", "W4A8", "W4A4")
 RECIPES = ("rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd")
 MARK_BEGIN, MARK_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
@@ -56,11 +57,18 @@ class Row:
     scheduler: str = "ddim"
     mixed_precision: bool = False
     mixed_weights: bool = False  # mixed precision switches weights too (a second, 8-bit weight copy)
+    keep_sensitive: bool = False  # quant.keep_sensitive=auto: the most sensitive layers at higher precision
 
     @property
     def name(self) -> str:
         suffix = "-mpw" if self.mixed_weights else "-mp" if self.mixed_precision else ""
+        suffix += "-keep" if self.keep_sensitive else ""
         return f"{self.recipe}-{self.bits}-{self.scheduler}{suffix}".replace("+", "_")
+
+    @property
+    def model(self) -> str:
+        """The trained model's folder name under OUT/models."""
+        return f"{self.base}-{self.bits}" + ("-keep" if self.keep_sensitive else "")
 
     @property
     def base(self) -> str:
@@ -72,9 +80,12 @@ class Row:
         return self.recipe.endswith("ptqd")
 
 
-def rows_for(bits: list[str], recipes: list[str], extra_rows: bool) -> list[Row]:
+def rows_for(bits: list[str], recipes: list[str], extra_rows: bool, keep_sensitive: bool = False) -> list[Row]:
     rows = [Row("fp", "FP32")]
-    rows += [Row(r, b) for b in bits for r in recipes]
+    for b in bits:
+        rows += [Row(r, b) for r in recipes]
+        if keep_sensitive:
+            rows += [Row(r, b, keep_sensitive=True) for r in recipes if r in ("rtn", "dilatequant")]
     if extra_rows:
         ddpm_bits = "W4A8" if "W4A8" in bits else bits[0]
         rows += [Row("fp", "FP32", "ddpm")]
@@ -110,14 +121,18 @@ def run(cmd: list[str], log: Path) -> tuple[float, float]:
     return seconds, peak
 
 
-def train_model(recipe: str, bits: str, args, out: Path) -> dict:
-    """The quantized model of (recipe, bits): made once, timed; reused by later rows and reruns."""
-    run_dir = out / "models" / f"{recipe}-{bits}"
+def train_model(row: Row, args, out: Path) -> dict:
+    """The quantized model of the row's (recipe, bits, keep_sensitive): made once, timed; reused by later rows and
+    reruns. With `sensitivity_top`, its most sensitive units are measured (`qdistill sensitivity`) and logged."""
+    recipe, bits = row.base, row.bits
+    run_dir = out / "models" / row.model
     record = run_dir / "benchmark_stage.json"
     if record.is_file():
         return json.loads(record.read_text())
     wb, ab = bits[1], bits[3]
     common = [f"model={args.model}", f"out={run_dir}", f"quant.weight_bits={wb}", f"quant.act_bits={ab}"]
+    if row.keep_sensitive:
+        common.append("quant.keep_sensitive=auto")
     if recipe == "rtn":
         cmd = [*QDISTILL, "quantize", "--config", str(args.configs / "rtn.yaml"), *common,
                *same_calibration(args.trajectories), f"sampling.num_samples={args.fidelity_samples}"]
@@ -132,8 +147,46 @@ def train_model(recipe: str, bits: str, args, out: Path) -> dict:
                     f"qdiffusion.act_iterations={max(1, args.iterations - rounding)}"]
     seconds, peak = run(cmd, run_dir / "stage.log")
     stage = {"run": str(run_dir), "calibration_seconds": round(seconds, 1), "peak_rss_mb": round(peak, 1)}
+    selection = run_dir / "layer_selection.json"
+    if selection.is_file():
+        stage["kept_layers"] = json.loads(selection.read_text())["layers"]
+    if args.sensitivity_top:
+        sens = run_dir / "sensitivity"
+        run([*QDISTILL, "sensitivity", f"model={args.model}", f"trajectories={args.trajectories}",
+             f"quantized={run_dir}", f"out={sens}", f"rows={args.sensitivity_rows}", f"top={args.sensitivity_top}"],
+            run_dir / "sensitivity.log")
+        from ..evaluation.sensitivity import sensitivity_table
+
+        report = json.loads((sens / "sensitivity.json").read_text())
+        stage["most_sensitive"] = [{k: u[k] for k in ("name", "bits", "share", "saving")}
+                                   for u in report["units"][:args.sensitivity_top]]
+        logger.info(f"{row.model}: the {args.sensitivity_top} most sensitive units\n"
+                    f"{sensitivity_table(report, args.sensitivity_top)}")
     atomic_write_text(record, json.dumps(stage, indent=2))
     return stage
+
+
+def fp_noise_floor(args, out: Path) -> dict:
+    """The FP model's FD on a second seed set, disjoint from the rows' (seeds after theirs): how far FD moves
+    between two sample sets of one model. Cached in OUT/fp_floor.json."""
+    record = out / "fp_floor.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    from ..bench.quality import bench_quality
+    from ..data.model_folder import load_scheduler, load_unet
+    from ..evaluation.sampling import from_uint8, sample_across_ranks
+    from ..files import shipped
+
+    classifier = shipped(args.classifier)
+    if not (classifier / "config.json").is_file():
+        return {}
+    fp = load_unet(args.model).eval()
+    seed = EVAL_SEED + args.num_samples
+    images = sample_across_ranks(fp, load_scheduler(args.model, "ddim"), list(range(seed, seed + args.num_samples)),
+                                 args.steps, 64, 0.0, 0, 1, desc="FP samples, second seed set")
+    floor = {"seeds": [seed, seed + args.num_samples], "fd": bench_quality(from_uint8(images), classifier)["fd"]}
+    atomic_write_text(record, json.dumps(floor, indent=2))
+    return floor
 
 
 def same_calibration(trajectories: str) -> list[str]:
@@ -169,7 +222,7 @@ def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> 
 
 def evaluate_row(row: Row, args, out: Path) -> dict:
     row_dir = out / "rows" / row.name
-    stage = train_model(row.base, row.bits, args, out)
+    stage = train_model(row, args, out)
     export = row_dir / "export"
     cmd = [*QDISTILL, "export", f"run={stage['run']}", f"out={export}"]
     if row.ptqd:  # the recipe's export config: configs/ptqd.yaml, configs/dilatequant+ptqd.yaml
@@ -187,6 +240,8 @@ def evaluate_row(row: Row, args, out: Path) -> dict:
     m = json.loads((row_dir / "eval" / "metrics.json").read_text())
     meta = json.loads((export / "quant_config.json").read_text())
     return {"fd": m.get("fd"), "delta_fd": m.get("delta_fd"), "fd_fp": m.get("fd_fp"), "psnr_db": m.get("psnr_db"),
+            "fd_vs_fp_samples": m.get("fd_vs_fp_samples"), "kept_layers": stage.get("kept_layers"),
+            "most_sensitive": stage.get("most_sensitive"),
             "calibration_seconds": stage["calibration_seconds"], "peak_rss_mb": stage["peak_rss_mb"],
             "export_bytes": meta["size"]["file_bytes"],
             "relative_bops": relative_bops(export, row.scheduler, args.steps, args.model),
@@ -198,24 +253,27 @@ def fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
-def table(rows: list[Row], results: dict, args) -> str:
+def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> str:
     from ..data.model_folder import resolve
 
-    lines = [f"Bench model `{args.model}`; {args.num_samples} samples per row on seeds 100000…, {args.steps} steps, "
-             f"quantized models sampled on `{args.mode}` kernels; {args.iterations} training iterations per block; "
-             f"PTQD statistics from {args.nc_samples} FP trajectories.", "",
-             "| recipe | bits | sampler | FD | ΔFD vs FP | PSNR vs FP (dB) | calibration (s) | peak memory (MB) | "
-             "export (KiB) | BOPs vs FP |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Bench model `{args.model}`; {args.num_samples} samples per row on seeds {EVAL_SEED}…, {args.steps} "
+             f"steps, quantized models sampled on `{args.mode}` kernels; {args.iterations} training iterations per "
+             f"block; PTQD statistics from {args.nc_samples} FP trajectories. FD to FP: the FD between each row's "
+             "samples and the FP model's on the same seeds (paired; 0 for FP).", "",
+             "| recipe | bits | sampler | FD | ΔFD vs FP | FD to FP | PSNR vs FP (dB) | calibration (s) | "
+             "peak memory (MB) | export (KiB) | BOPs vs FP |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fp_size = sum(f.stat().st_size for f in resolve(args.model)[0].glob("*.safetensors"))
+    fd_fp = {}
     for row in rows:
         r = results.get(row.name)
         if row.recipe == "fp":  # every eval scores the FP model on the same seeds and sampler (cached)
-            fd_fp = next((x["fd_fp"] for x in results.values() if x["row"]["scheduler"] == row.scheduler
-                          and x.get("fd_fp") is not None), None)
-            r = {"fd": fd_fp, "delta_fd": 0.0 if fd_fp is not None else None, "export_bytes": fp_size,
-                 "relative_bops": 1.0} if any(x["row"]["scheduler"] == row.scheduler for x in results.values()) else None
+            fd_fp[row.scheduler] = next((x["fd_fp"] for x in results.values()
+                                         if x["row"]["scheduler"] == row.scheduler and x.get("fd_fp") is not None), None)
+            r = {"fd": fd_fp[row.scheduler], "delta_fd": 0.0 if fd_fp[row.scheduler] is not None else None,
+                 "fd_vs_fp_samples": 0.0, "export_bytes": fp_size, "relative_bops": 1.0} \
+                if any(x["row"]["scheduler"] == row.scheduler for x in results.values()) else None
         if r is None:
-            lines.append(f"| {row.recipe} | {row.bits} | {row.scheduler} | not run yet | | | | | | |")
+            lines.append(f"| {row.recipe} | {row.bits} | {row.scheduler} | not run yet | | | | | | | |")
             continue
         delta = None
         if r.get("delta_fd") is not None and r.get("fd_fp"):
@@ -224,10 +282,26 @@ def table(rows: list[Row], results: dict, args) -> str:
             delta = f"{r['delta_fd']:+.2f}"
         recipe = row.recipe + (" + mixed precision W4A4/W8A8" if row.mixed_weights else
                                " + mixed precision A4/A8" if row.mixed_precision else "")
+        recipe += " + keep sensitive" if row.keep_sensitive else ""
         lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
-                     f"{fmt(r.get('psnr_db'), '.2f')} | {fmt(r.get('calibration_seconds'), '.0f')} | "
-                     f"{fmt(r.get('peak_rss_mb'), '.0f')} | {r['export_bytes'] / 1024:.0f} | "
-                     f"{r['relative_bops']:.4f} |")
+                     f"{fmt(r.get('fd_vs_fp_samples'), '.2f')} | {fmt(r.get('psnr_db'), '.2f')} | "
+                     f"{fmt(r.get('calibration_seconds'), '.0f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | "
+                     f"{r['export_bytes'] / 1024:.0f} | {r['relative_bops']:.4f} |")
+    if floor and fd_fp.get("ddim"):
+        a, b = fd_fp["ddim"], floor["fd"]
+        lines += ["", f"Noise floor: the FP model's FD is {a:.2f} on the rows' seeds and {b:.2f} on seeds "
+                      f"{floor['seeds'][0]}…{floor['seeds'][1] - 1} ({100 * (b - a) / a:+.1f} %): a ΔFD smaller than "
+                      "that does not separate two models."]
+    notes = []
+    for row in rows:
+        r = results.get(row.name) or {}
+        if r.get("kept_layers"):
+            notes.append(f"- {row.name} keeps " + ", ".join(f"`{c['name']}` at {c['to']}" for c in r["kept_layers"]))
+        if r.get("most_sensitive") and not row.ptqd and not row.mixed_precision:
+            notes.append(f"- {row.name}, most sensitive (share of the summed error alone, saving in FP): " + ", ".join(
+                f"`{u['name']}` {100 * u['share']:.0f} % / {100 * u['saving']:.0f} %" for u in r["most_sensitive"]))
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +311,7 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
     quick = cfg.quick
     args = dataclasses.replace(cfg, bits=cfg.bits or (["W4A8"] if quick else list(BITS)),
                                iterations=cfg.iterations or (30 if quick else 200),
-                               num_samples=cfg.num_samples or (256 if quick else 500),
+                               num_samples=cfg.num_samples or (256 if quick else 2000),
                                steps=cfg.steps or (25 if quick else 50))
     args.configs = Path(cfg.configs) if cfg.configs else CONFIG_DIR
     out = Path(cfg.out or ("runs/benchmark-quick" if quick else "runs/benchmark"))
@@ -254,7 +328,7 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
     if not (Path(args.trajectories) / "manifest.json").is_file():
         run([*QDISTILL, "calibrate", "--config", str(args.configs / "calibrate.yaml"),
              f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
-    rows = rows_for(args.bits, args.recipes, args.extra_rows)
+    rows = rows_for(args.bits, args.recipes, args.extra_rows, args.keep_sensitive_rows)
     t_start = time.time()
     for i, row in enumerate(rows):
         if row.name in results or row.recipe == "fp":
@@ -263,7 +337,8 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
         results[row.name] = {"row": asdict(row), **evaluate_row(row, args, out)}
         saved = {"settings": settings, "rows": results}
         atomic_write_text(results_file, json.dumps(saved, indent=2))  # after every row: a rerun resumes here
-    text = table(rows, results, args)
+    floor = fp_noise_floor(args, out) if args.noise_floor else None
+    text = table(rows, results, args, floor)
     (out / "benchmark.md").write_text(text)
     if args.update:
         doc = Path(args.update).read_text()

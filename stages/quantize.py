@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -27,6 +28,7 @@ from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
 from ..quantizers import calibrate_, quantize_
+from ..quantizers.layer_precision import select_sensitive_layers, selection_summary
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +57,24 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
     logger.info(f"calibration: {c.num_samples} trajectories x {len(keep)} of {c.num_steps} {c.scheduler} steps "
                 f"= {c.num_samples * len(keep)} inputs in {time.time() - t0:.1f}s")
 
-    # 2. quantize and calibrate activation ranges
+    # 2. quantize (keep_sensitive=auto: the most sensitive layers chosen first) and calibrate activation ranges
     t0 = time.time()
-    qunet = quantize_(copy.deepcopy(fp), cfg.quant)
-    calibrate_(qunet, ({"sample": r.sample, "timestep": r.timestep} for r in records))
+    inputs = [{"sample": r.sample, "timestep": r.timestep} for r in records]
+    quant = cfg.quant
+    if quant.keep_sensitive == "auto":
+        rows = torch.cat([r.sample for r in records])
+        t = torch.cat([r.timestep for r in records])
+        pick = torch.linspace(0, len(rows) - 1, min(quant.keep_sensitive_rows, len(rows))).round().long()
+        measured = [{"sample": rows[pick[a:a + c.batch_size]], "timestep": t[pick[a:a + c.batch_size]]}
+                    for a in range(0, len(pick), c.batch_size)]
+        quant, selection = select_sensitive_layers(fp, quant, inputs, measured,
+                                                   eval_scheduler.config.num_train_timesteps)
+        logger.info(selection_summary(selection))
+        atomic_write_text(out / "layer_selection.json", json.dumps({"layer_bits": quant.layer_bits, **selection},
+                                                                   indent=2))
+        cfg = dataclasses.replace(cfg, quant=quant)
+    qunet = quantize_(copy.deepcopy(fp), quant)
+    calibrate_(qunet, inputs)
     calib_seconds = time.time() - t0
     logger.info(f"quantized and calibrated in {calib_seconds:.1f}s")
 
@@ -71,7 +87,7 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
     s = cfg.sampling
     fp_final, q_final, fidelity = compare_to_fp(fp, qunet, eval_scheduler, range(s.seed, s.seed + s.num_samples),
                                                 s.num_steps, s.batch_size, s.eta)
-    metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, **fidelity, "calibration_seconds": calib_seconds,
+    metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "layer_bits": quant.layer_bits, **fidelity, "calibration_seconds": calib_seconds,
                "sampler": f"{s.scheduler} {s.num_steps} steps eta={s.eta}"}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     grid = save_grid([fp_final, q_final], out / "samples.png")

@@ -27,6 +27,7 @@ from ..evaluation.sensitivity import chart_array, layer_sensitivity, sensitivity
 from ..export.quantized import load_quantized, quantized_folder, read_quantized_meta
 from ..files import atomic_write_text
 from ..quantizers import calibrate_, quantize_
+from ..quantizers.layer_precision import select_sensitive_layers, selection_summary
 from ..trainer.student import init_batches
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,19 @@ def sensitivity(cfg: SensitivityConfig) -> dict:
         model = load_quantized(qdir, device=device)
         what = f"{qdir} ({model.qdistill_config.tag}, trained)"
     else:
+        quant = cfg.quant
+        if quant.keep_sensitive == "auto":  # the model that selection makes, measured afresh
+            torch.manual_seed(cfg.seed)
+            quant, selection = select_sensitive_layers(
+                fp, quant, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype),
+                init_batches(shards, quant.keep_sensitive_rows, cfg.batch_size, device, dtype),
+                load_scheduler(cfg.model).config.num_train_timesteps)
+            logger.info(selection_summary(selection))
         torch.manual_seed(cfg.seed)
-        model = quantize_(copy.deepcopy(fp), cfg.quant)
+        model = quantize_(copy.deepcopy(fp), quant)
         calibrate_(model, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype))
-        what = f"RTN {cfg.quant.tag} ({cfg.quant.act_init} activation ranges from {cfg.init_rows} rows)"
+        what = f"RTN {quant.tag} ({quant.act_init} activation ranges from {cfg.init_rows} rows)" + (
+            f", {len(quant.layer_bits)} layer_bits entries" if quant.layer_bits else "")
     model.eval()
     logger.info(f"{type(fp).__name__} from {cfg.model}, {what}, on {device}; {manifest['num_rows']} calibration rows")
 

@@ -14,6 +14,7 @@ Launched as one process, by `torchrun --nproc_per_node=N -m qdistill train ...`,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -37,9 +38,10 @@ from ..trainer.launch import init_distributed, load_deepspeed_config, release_di
 from ..trainer.recipes import recipe_phases
 from ..trainer.row_plan import rank_share
 from ..trainer.run_state import CHECKPOINT
-from ..trainer.student import build_student
+from ..trainer.student import build_student, resolve_keep_sensitive
 
 logger = logging.getLogger(__name__)
+LAYER_SELECTION = "layer_selection.json"  # keep_sensitive=auto: the layers chosen and the sensitivity behind them
 
 
 def train(cfg: TrainConfig) -> dict | None:
@@ -77,8 +79,13 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         torch.distributed.barrier()
     resuming = (out / CHECKPOINT).exists()
 
-    # 2. quantize; TPQ rows per timestep (skipped when resuming: the checkpoint holds the tables)
+    # 2. quantize (keep_sensitive=auto: the layers kept at higher precision chosen first, once per run); TPQ rows
+    # per timestep (skipped when resuming: the checkpoint holds the tables)
     t0 = time.time()
+    quant = resolve_keep_sensitive(fp, cfg.quant, all_shards, device, cfg.distill.init_rows, cfg.distill.batch_size,
+                                   load_scheduler(cfg.model).config.num_train_timesteps, out / LAYER_SELECTION,
+                                   reuse=resuming, rank=rank, world_size=world_size, seed=cfg.distill.seed)
+    cfg = dataclasses.replace(cfg, quant=quant)  # what the checkpoint, the export and metrics.json record
     student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming,
                                                   rank=rank, world_size=world_size)
     if not resuming:
@@ -119,7 +126,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
                    "device": str(device), "precision": cfg.precision,
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
                    "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "peak_gpu_mb_per_rank": peak_gpu_mb,
-                   "blocks": summaries}
+                   "layer_bits": cfg.quant.layer_bits, "blocks": summaries}
         if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
             log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see `qdistill eval`)")
         else:

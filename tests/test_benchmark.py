@@ -22,6 +22,11 @@ def test_extra_rows_add_ddpm_and_mixed_precision_rows():
     # without W4A4 or the recipe, no mixed rows; without W4A8, the DDPM rows take the first bits
     assert [r.name for r in rows_for(["W8A8"], ["qdiffusion"], True)] == [
         "fp-FP32-ddim", "qdiffusion-W8A8-ddim", "fp-FP32-ddpm", "qdiffusion-W8A8-ddpm"]
+    # keep_sensitive rows: rtn and dilatequant, each on a model of its own
+    keep = rows_for(["W8A8"], ["rtn", "dilatequant", "dilatequant+ptqd"], False, keep_sensitive=True)
+    assert [r.name for r in keep] == ["fp-FP32-ddim", "rtn-W8A8-ddim", "dilatequant-W8A8-ddim",
+                                      "dilatequant_ptqd-W8A8-ddim", "rtn-W8A8-ddim-keep", "dilatequant-W8A8-ddim-keep"]
+    assert keep[-1].model == "dilatequant-W8A8-keep" and keep[2].model == keep[3].model == "dilatequant-W8A8"
 
 
 @pytest.mark.slow
@@ -34,12 +39,13 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     args = ["benchmark", f"out={tmp_path / 'b'}", f"model={demo_pipeline_dir}", f"trajectories={traj}",
             f"classifier={tmp_path / 'no-classifier'}", "bits=[W4A8]", "recipes=[rtn,qdiffusion,ptqd]",
             "iterations=2", "num_samples=4", "steps=4",
-            "fidelity_samples=2", "nc_samples=2", "mode=simulated", "extra_rows=false", f"update={md}"]
+            "fidelity_samples=2", "nc_samples=2", "mode=simulated", "extra_rows=false", f"update={md}",
+            "sensitivity_top=2", "sensitivity_rows=8"]
     assert qdistill(args) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     # 3 recipes at W4A8 with DDIM: the quantize stage, a training, PTQD on that training's model (the dilatequant
     # rows run the same stages with other configs; the DDPM and mixed rows the same stages with other keys)
-    assert sorted(results) == sorted(["rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim"])
+    assert sorted(results) == sorted(["rtn-W4A8-ddim", "qdiffusion-W4A8-ddim", "ptqd-W4A8-ddim", "rtn-W4A8-ddim-keep"])
     for name, r in results.items():
         assert r["psnr_db"] > 0 and r["calibration_seconds"] > 0 and r["peak_rss_mb"] > 100, name
         # W4A8 with the first/last convs and the time embedding at 8 bits: between all-W4A8 and all-W8A8
@@ -48,10 +54,15 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     # a ptqd row shares its qdiffusion model but samples with the correction: different samples
     assert results["ptqd-W4A8-ddim"]["psnr_db"] != results["qdiffusion-W4A8-ddim"]["psnr_db"]
     assert results["ptqd-W4A8-ddim"]["calibration_seconds"] == results["qdiffusion-W4A8-ddim"]["calibration_seconds"]
+    # each model's most sensitive units are measured and listed; the keep row names the layers it kept
+    assert all(len(r["most_sensitive"]) == 2 for r in results.values())
+    kept = results["rtn-W4A8-ddim-keep"]["kept_layers"]
+    assert kept and results["rtn-W4A8-ddim"]["kept_layers"] is None
     table = (tmp_path / "b" / "benchmark.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| recipe")]
     assert len(rows) == 1 + len(results)  # plus the FP row
-    assert all(line.count("|") == 11 for line in rows)
+    assert all(line.count("|") == 12 for line in rows)
+    assert f"`{kept[0]['name']}` at {kept[0]['to']}" in "\n".join(table)
     doc = md.read_text()
     assert "old table" not in doc and "| rtn | W4A8 | ddim |" in doc and doc.endswith("<!-- benchmark:end -->\ntail\n")
 
