@@ -31,7 +31,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding
 from torch import nn
 
-FP_BITS = 32
+from .mixed_precision import FP_BITS, layer_macs
 _WA = re.compile(r"W(\d+)A(\d+)", re.IGNORECASE)
 
 
@@ -84,7 +84,7 @@ def assign_layer_bits(model: nn.Module, config) -> dict[str, tuple[int, int] | N
     return bits
 
 
-def bit_operations(macs: dict[str, int], bits: dict[str, tuple[int, int] | None]) -> float:
+def rule_bit_operations(macs: dict[str, int], bits: dict[str, tuple[int, int] | None]) -> float:
     """BOPs per sample: each layer's MACs × weight bits × activation bits (FP: 32 × 32)."""
     return float(sum(n * (bits[name][0] * bits[name][1] if bits.get(name) else FP_BITS * FP_BITS)
                      for name, n in macs.items()))
@@ -105,7 +105,6 @@ def select_sensitive_layers(fp: nn.Module, config, init_batches: Iterable[dict],
     and `keep_sensitive="off"`, a report of the choice). `init_batches` calibrate the RTN activation ranges,
     `batches` are the rows the errors are measured on (model-input kwargs dicts, e.g. calibration rows)."""
     from ..evaluation.sensitivity import layer_sensitivity  # evaluation imports this package
-    from .mixed_precision import layer_macs
     from .quantize import calibrate_, quantize_
 
     batches = list(batches)
@@ -116,7 +115,7 @@ def select_sensitive_layers(fp: nn.Module, config, init_batches: Iterable[dict],
     del model
     macs = layer_macs(fp, batches[0])
     rules = assign_layer_bits(fp, plain)
-    base = bit_operations(macs, rules)
+    base = rule_bit_operations(macs, rules)
     options = [parse_layer_bits(b, "quant.keep_sensitive_bits") for b in config.keep_sensitive_bits]
     allowed = config.keep_sensitive_budget * base
     chosen, extra = [], 0.0

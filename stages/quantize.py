@@ -87,8 +87,8 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
     s = cfg.sampling
     fp_final, q_final, fidelity = compare_to_fp(fp, qunet, eval_scheduler, range(s.seed, s.seed + s.num_samples),
                                                 s.num_steps, s.batch_size, s.eta)
-    metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "layer_bits": quant.layer_bits, **fidelity, "calibration_seconds": calib_seconds,
-               "sampler": f"{s.scheduler} {s.num_steps} steps eta={s.eta}"}
+    metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "layer_bits": quant.layer_bits, **fidelity,
+               "calibration_seconds": calib_seconds, "sampler": f"{s.scheduler} {s.num_steps} steps eta={s.eta}"}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     grid = save_grid([fp_final, q_final], out / "samples.png")
     logger.info(f"{metrics['bits']} {cfg.recipe} vs FP on {s.num_samples} seeds ({metrics['sampler']}): "

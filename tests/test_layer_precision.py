@@ -4,6 +4,7 @@ keeps the layer that costs the most within its bit-operation budget, and the sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from qdistill.configs.schema import TrainConfig
 from qdistill.export import export_model, load_exported, load_quantized
 from qdistill.quantizers import QUANT_LAYERS, QuantConfig, calibrate_, quantize_
 from qdistill.quantizers.integer_kernels import saturation_reason
-from qdistill.quantizers.layer_precision import assign_layer_bits, bit_operations, select_sensitive_layers
+from qdistill.quantizers.layer_precision import assign_layer_bits, rule_bit_operations, select_sensitive_layers
 from qdistill.quantizers.mixed_precision import layer_macs
 
 COARSE = "up_blocks.1.resnets.0.conv1"  # a middle layer of tiny_unet
@@ -94,18 +95,13 @@ def test_auto_keeps_the_costliest_layer_within_the_budget(fp):
     assert 0 < report["extra_bops"] <= 0.5
     macs = layer_macs(fp, rows[0])
     rules = assign_layer_bits(fp, QuantConfig(weight_bits=8, act_bits=8, layer_bits={COARSE: 2}))
-    assert bit_operations(macs, assign_layer_bits(fp, resolved)) == pytest.approx(
-        bit_operations(macs, rules) * (1 + report["extra_bops"]))
+    assert rule_bit_operations(macs, assign_layer_bits(fp, resolved)) == pytest.approx(
+        rule_bit_operations(macs, rules) * (1 + report["extra_bops"]))
     q = calibrate_(quantize_(copy.deepcopy(fp), resolved), init)
     assert specs(q).get(COARSE, None) in (None, (8, 8))
-    nothing, report0 = select_sensitive_layers(fp, dataclass_replace(base, keep_sensitive_budget=0.0), init, rows,
+    nothing, report0 = select_sensitive_layers(fp, dataclasses.replace(base, keep_sensitive_budget=0.0), init, rows,
                                                show_progress=False)
     assert report0["layers"] == [] and nothing.layer_bits == {COARSE: 2}
-
-
-def dataclass_replace(config, **changes):
-    import dataclasses
-    return dataclasses.replace(config, **changes)
 
 
 def test_stages_record_the_choice(tmp_path):
