@@ -132,6 +132,12 @@ class DistillConfig:
     max_blocks: int | None = None  # train only the first N blocks (a smoke run at full size); None: all
     keep_best: bool = True  # never worse: each phase of a block keeps its best state on the held-out batch
     eval_every: int = 100  # iterations between held-out evaluations inside a phase (keep_best); 0: its end only
+    # end-to-end distillation after the blocks (trainer/end_to_end.py): the whole model against FP's noise prediction
+    e2e_iterations: int = 0  # 0: off
+    e2e_lr_weights: float = 1e-5  # every weight and bias of the model (Adam)
+    e2e_lr_quant: float = 1e-4  # step sizes, relative to each quantizer's mean step size; zero points
+    e2e_inputs: Literal["fp", "quantized"] = "fp"  # x_t from the FP trajectories, or the quantized model's own
+    e2e_checkpointing: bool = False  # activation checkpointing (the model's own, diffusers') in this phase
 
     def __post_init__(self):
         if self.eval_every < 0:
@@ -144,7 +150,7 @@ class DistillConfig:
         for key in ("cache_mb", "cache_disk_mb"):
             if getattr(self, key) < 0:
                 raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("lr_weights", "lr_quant"):
+        for key in ("lr_weights", "lr_quant", "e2e_lr_weights", "e2e_lr_quant", "e2e_iterations"):
             if getattr(self, key) < 0:
                 raise ValueError(f"distill.{key} must be >= 0, got {getattr(self, key)}")
 

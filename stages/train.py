@@ -4,8 +4,9 @@ Dilation, TPQ, block-wise distillation) or Q-Diffusion (AdaRound, then activatio
 1. load the FP model and this rank's calibration shards (recorded by `qdistill calibrate`);
 2. quantize_ a copy (per `quant.*`: Weight Dilation, temporal parallel quantizers or one scale for all
    timesteps) and initialise every activation table from calibration rows (MSE search, the same on every rank);
-3. train block by block through the recipe's phases (trainer/distill.py, trainer/recipes.py), checkpointing to
-   OUT/checkpoint; an existing checkpoint in OUT is resumed (overwrite=true starts over);
+3. train block by block through the recipe's phases (trainer/distill.py, trainer/recipes.py), then, with
+   `distill.e2e_iterations`, the whole model end to end (trainer/end_to_end.py), checkpointing to OUT/checkpoint;
+   an existing checkpoint in OUT is resumed (overwrite=true starts over);
 4. save the quantized model to OUT/quantized; sample FP | quantized on fixed seeds (grid, PSNR, metrics.json,
    TensorBoard in OUT/tb).
 
@@ -34,6 +35,7 @@ from ..evaluation.fidelity import compare_to_fp, save_grid
 from ..export import save_quantized
 from ..files import atomic_write_text
 from ..trainer.distill import BlockDistiller
+from ..trainer.end_to_end import OWN_INPUTS, EndToEndDistiller
 from ..trainer.launch import init_distributed, load_deepspeed_config, release_distributed
 from ..trainer.recipes import recipe_phases
 from ..trainer.row_plan import rank_share
@@ -75,6 +77,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         f"{cfg.recipe}; rank 0 trains on shards {', '.join(str(sid) for sid, _, _ in share)}")
     if cfg.overwrite and rank == 0:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
+        shutil.rmtree(out / OWN_INPUTS, ignore_errors=True)
     if world_size > 1:
         torch.distributed.barrier()
     resuming = (out / CHECKPOINT).exists()
@@ -108,6 +111,8 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
                                phases=phases, precision=cfg.precision)
     t0 = time.time()
     summaries = distiller.run()
+    # 3b. end to end: the whole model against FP's noise prediction, after the blocks
+    e2e = EndToEndDistiller(distiller, cfg.trajectories).run() if cfg.distill.e2e_iterations else None
     train_seconds = time.time() - t0
 
     # 4. the result, and how close it is to FP
@@ -126,7 +131,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
                    "device": str(device), "precision": cfg.precision,
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
                    "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "peak_gpu_mb_per_rank": peak_gpu_mb,
-                   "layer_bits": cfg.quant.layer_bits, "blocks": summaries}
+                   "layer_bits": cfg.quant.layer_bits, "blocks": summaries, "e2e": e2e}
         if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
             log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see `qdistill eval`)")
         else:

@@ -95,6 +95,7 @@ class BlockDistiller:
         # per shard of this rank: the held-out evaluation rows and the rows iterations draw from
         self.held, self.pools = zip(*(held_out_rows(cfg.seed, sid, self.shard_lengths[sid], self.counts[sid])
                                       for sid, _, _ in self.share))
+        self.all_shards = shards
         self.shards = [shards[sid] for sid, _, _ in self.share]
         self.offsets = [0]
         for s in self.shards:
@@ -120,13 +121,17 @@ class BlockDistiller:
         return [pool[draw_rows(self.cfg.seed, block_index, iteration, sid, len(pool), self.counts[sid])][a:b]
                 for (sid, a, b), pool in zip(self.share, self.pools)]
 
-    def _model_inputs(self, rows: torch.Tensor) -> dict:
-        """Model kwargs of `rows`: indices into this rank's shards, one after another, grouped by shard."""
+    def _model_inputs(self, rows: torch.Tensor, replace: list[dict] | None = None) -> dict:
+        """Model kwargs of `rows`: indices into this rank's shards, one after another, grouped by shard.
+        `replace`: per shard, columns (tensors over its rows) used instead of the shard's own."""
         parts, order = [], []
-        for shard, a, b in zip(self.shards, self.offsets, self.offsets[1:]):
+        for i, (shard, a, b) in enumerate(zip(self.shards, self.offsets, self.offsets[1:])):
             local = rows[(rows >= a) & (rows < b)]
             if len(local):
-                parts.append(shard[(local - a).tolist()])
+                part = shard[(local - a).tolist()]
+                if replace is not None:
+                    part.update({key: column[local - a] for key, column in replace[i].items()})
+                parts.append(part)
                 order.append(local)
         assert torch.equal(torch.cat(order), rows), "rows must be grouped by shard, in shard order"
         batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -152,19 +157,23 @@ class BlockDistiller:
         return self.block_inputs.batch(torch.cat([r + off for r, off in zip(rows, self.offsets)]))
 
     # -- checkpoints (trainer/run_state.py) ---------------------------------------------------------
-    def save_checkpoint(self, state: DistillState, engine=None) -> None:
-        """Checkpoint `state` (with the live engine inside a block). Inside a phase the student's state holds
-        what the phase added to it (AdaRound's α)."""
+    def save_checkpoint(self, state: DistillState, engine=None, e2e: dict | None = None) -> None:
+        """Checkpoint `state` (with the live engine inside a block or the end-to-end phase). Inside a phase the
+        student's state holds what the phase added to it (AdaRound's α). `e2e`: where the end-to-end phase after
+        the blocks stands (trainer/end_to_end.py); it changes the whole student, so all of it is written."""
         phase = self.phases[state.phase].name if state.phase < len(self.phases) else None
-        if state.iteration or state.phase:  # inside block k: only it has changed since the last checkpoint
+        if e2e is not None:
+            block = None
+        elif state.iteration or state.phase:  # inside block k: only it has changed since the last checkpoint
             block = (state.block_index, self.blocks_q[state.block_index].name, False)
         else:  # block k - 1 has just finished
             block = (state.block_index - 1, self.blocks_q[state.block_index - 1].name, True) if state.block_index else None
-        best = self.best.state if state.iteration and self.best is not None else None
+        inside = state.iteration or (e2e is not None and e2e.get("iteration") and not e2e.get("finished"))
+        best = self.best.state if inside and self.best is not None else None
         self.checkpoint.save(self.student, {
             "block_index": state.block_index, "phase": state.phase, "phase_name": phase,
             "iteration": state.iteration, "blocks": [b.name for b in self.blocks_q], "summaries": self.summaries,
-            "current_block": self.current, "run_config": self.run_config}, engine, block, best)
+            "current_block": self.current, "run_config": self.run_config, "e2e": e2e}, engine, block, best)
 
     def load_checkpoint(self) -> DistillState:
         """The state to start from: a fresh one, or the run folder's checkpoint (student state loaded; a block
@@ -209,6 +218,7 @@ class BlockDistiller:
             phase = f" phase {self.phases[state.phase].name}," if len(self.phases) > 1 and where != "end" else ""
             self._log(f"resuming at block {state.block_index + 1} ({where}),{phase} iteration {state.iteration}")
         last = len(self.blocks_q) if self.cfg.max_blocks is None else min(self.cfg.max_blocks, len(self.blocks_q))
+        self.blocks_done = max(last, state.block_index)  # where the run stands once the blocks are trained
         self.block_inputs = self._block_inputs()
         self.block_inputs.last = last
         # What exists now lives for the whole run: frozen, it is left out of the collections that free each
@@ -321,27 +331,43 @@ class BlockDistiller:
         return {"start_mse": best.start, "final_mse": final, "best_mse": best.mse, "kept": best.where}
 
     def _train_phase(self, engine, k: int, p: int, start: int) -> dict:
-        cfg, name, block, phase = self.cfg, self.blocks_q[k].name, self.blocks_q[k].module, self.phases[p]
+        name, block, phase = self.blocks_q[k].name, self.blocks_q[k].module, self.phases[p]
         tag = name if len(self.phases) == 1 else f"{name}/{phase.name}"
         offset, per_block = self.phase_offsets[p], self.phase_offsets[-1]
-        bar = progress(range(start, phase.iterations), f"block {k + 1}/{len(self.blocks_q)} {tag}",
-                       disable=self.rank != 0, logger=logger)
-        params = [q for q in block.parameters() if q.requires_grad]
-        t0, first_loss, loss_value, samples, updated = time.time(), None, None, 0, None
-        for it in bar:
+
+        def batch(it: int) -> dict:
             data = self._batch(self._rows(k, offset + it))
             set_timesteps(block, data["t"])
+            return data
+
+        return self.train_loop(engine, phase, block, start, batch, tag, f"block {k + 1}/{len(self.blocks_q)} {tag}",
+                               k * per_block + offset, lambda: self.evaluate(k),
+                               lambda it: self.save_checkpoint(DistillState(k, it, p), engine),
+                               ", inputs cached" if self.block_inputs.cached else "")
+
+    def train_loop(self, engine, phase: Phase, module: nn.Module, start: int, batch, tag: str, label: str,
+                   first_step: int, evaluate, save, note: str = "") -> dict:
+        """Iterations `start`, ... of `phase` on `module` (wrapped by `engine`): `batch(it)` gives the iteration's
+        {"args", "kwargs", "target", "t"}; `evaluate()` the held-out MSE (keep_best offers the state to
+        self.best); `save(it)` checkpoints after `it` iterations. TensorBoard under loss/`tag`, steps from
+        `first_step`; `label` names the work in logs and errors."""
+        cfg = self.cfg
+        bar = progress(range(start, phase.iterations), label, disable=self.rank != 0, logger=logger)
+        params = [q for q in module.parameters() if q.requires_grad]
+        t0, first_loss, loss_value, samples, updated = time.time(), None, None, 0, None
+        for it in bar:
+            data = batch(it)
             with autocast(self.device, self.precision):
                 out = engine(*data["args"], **data["kwargs"])
-            per_sample, loss = phase.loss(block, out, data["target"], it)  # in fp32 (phases.py)
+            per_sample, loss = phase.loss(module, out, data["target"], it)  # in fp32 (phases.py)
             loss_avg = self._mean_over_ranks(per_sample.mean())
             # The iteration's one host sync: the loss over all ranks, this rank's, and whether the last update left
             # the parameters finite. A non-finite loss stops before its update, so the parameters stay good.
             loss_value, local, finite = torch.stack([loss_avg.float(), loss.detach().float(),
                                                      updated if updated is not None else loss_avg.new_ones(())]).tolist()
-            self._check_update(finite, name, it - 1)
+            self._check_update(finite, label, it - 1)
             if not (math.isfinite(loss_value) and math.isfinite(local)):
-                raise DivergenceError(f"block {name}, iteration {it}: loss is {loss_value} (non-finite); stopped "
+                raise DivergenceError(f"{label}, iteration {it}: loss is {loss_value} (non-finite); stopped "
                                       f"before the update; the last good checkpoint is kept in {self.out / CHECKPOINT}")
             engine.backward(loss)
             engine.step()
@@ -349,20 +375,20 @@ class BlockDistiller:
             first_loss = loss_value if first_loss is None else first_loss
             samples += cfg.batch_size
             if self.writer is not None and (it % cfg.log_every == 0 or it == phase.iterations - 1):
-                log_scalars(self.writer, engine, tag, k * per_block + offset + it + 1, loss_value, per_sample,
+                log_scalars(self.writer, engine, tag, first_step + it + 1, loss_value, per_sample,
                             data["t"], samples / (time.time() - t0),
-                            {f"{phase.name}/{key}": v for key, v in phase.scalars(block, it).items()})
+                            {f"{phase.name}/{key}": v for key, v in phase.scalars(module, it).items()})
             bar.set_postfix(loss=f"{loss_value:.3e}")
             if self.best is not None and phase.keeps_best_inside and cfg.eval_every \
                     and (it + 1) % cfg.eval_every == 0 and it + 1 < phase.iterations:
-                self._check_update(updated.item(), name, it)  # a non-finite state is never kept
-                self.best.offer(block, self.evaluate(k), f"iteration {it + 1}")
+                self._check_update(updated.item(), label, it)  # a non-finite state is never kept
+                self.best.offer(module, evaluate(), f"iteration {it + 1}")
                 self.current["best"] = self.best.info()
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < phase.iterations:
-                self._check_update(updated.item(), name, it)  # nothing non-finite is checkpointed
-                self.save_checkpoint(DistillState(k, it + 1, p), engine)
+                self._check_update(updated.item(), label, it)  # nothing non-finite is checkpointed
+                save(it + 1)
         if updated is not None:
-            self._check_update(updated.item(), name, phase.iterations - 1)
+            self._check_update(updated.item(), label, phase.iterations - 1)
         bar.close()
         seconds = time.time() - t0
         summary = {"phase": phase.name, "first_loss": first_loss,
@@ -370,14 +396,13 @@ class BlockDistiller:
                    "iterations": phase.iterations - start, "seconds": round(seconds, 3),
                    "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None}
         if first_loss is not None:
-            self._log(f"block {k + 1}/{len(self.blocks_q)} {tag}: loss {first_loss:.3e} -> {summary['final_loss']:.3e} "
-                      f"({summary['iterations']} it, {seconds:.1f}s, {summary['samples_per_s']} samples/s"
-                      f"{', inputs cached' if self.block_inputs.cached else ''})")
+            self._log(f"{label}: loss {first_loss:.3e} -> {summary['final_loss']:.3e} "
+                      f"({summary['iterations']} it, {seconds:.1f}s, {summary['samples_per_s']} samples/s{note})")
         return summary
 
-    def _check_update(self, finite: float, name: str, it: int) -> None:
+    def _check_update(self, finite: float, label: str, it: int) -> None:
         if not finite:
-            raise DivergenceError(f"block {name}, iteration {it}: the update made parameters non-finite; stopped; "
+            raise DivergenceError(f"{label}, iteration {it}: the update made parameters non-finite; stopped; "
                                   f"the last good checkpoint is kept in {self.out / CHECKPOINT}")
 
     def _log(self, message: str) -> None:

@@ -148,8 +148,11 @@ class RunCheckpoint:
         if state.phase >= len(phases) or progress.get("phase_name", phases[0]) != phases[state.phase]:
             raise CheckpointError(f"{self.path / PROGRESS} stopped in phase {progress.get('phase_name')!r}, which "
                                   f"this recipe does not have at that place ({phases}); start a new run folder")
-        if state.iteration and progress.get("world_size") != self.world_size:
-            raise CheckpointError(f"{self.path} was written mid-block by {progress.get('world_size')} rank(s); resume "
+        e2e = progress.get("e2e") or {}
+        inside_e2e = bool(e2e.get("iteration")) and not e2e.get("finished")
+        if (state.iteration or inside_e2e) and progress.get("world_size") != self.world_size:
+            where = "mid-block" if state.iteration else "inside the end-to-end phase"
+            raise CheckpointError(f"{self.path} was written {where} by {progress.get('world_size')} rank(s); resume "
                                   f"it with that many (ZeRO optimizer partitions are per rank), not {self.world_size}")
 
     def load_student(self, student) -> None:
