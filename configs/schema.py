@@ -134,8 +134,8 @@ class DistillConfig:
     eval_every: int = 100  # iterations between held-out evaluations inside a phase (keep_best); 0: its end only
     # end-to-end distillation after the blocks (trainer/end_to_end.py): the whole model against FP's noise prediction
     e2e_iterations: int = 0  # 0: off
-    e2e_lr_weights: float = 1e-5  # every weight and bias of the model (Adam)
-    e2e_lr_quant: float = 1e-4  # step sizes, relative to each quantizer's mean step size; zero points
+    e2e_lr_weights: float = 1e-4  # every weight and bias of the model (Adam)
+    e2e_lr_quant: float = 1e-3  # step sizes, relative to each quantizer's mean step size; zero points
     e2e_inputs: Literal["fp", "quantized"] = "fp"  # x_t from the FP trajectories, or the quantized model's own
     e2e_checkpointing: bool = False  # activation checkpointing (the model's own, diffusers') in this phase
 
@@ -323,6 +323,8 @@ class BenchmarkConfig:
     extra_rows: bool = True  # the DDPM and mixed-precision rows
     keep_sensitive_rows: bool = True  # rtn and dilatequant with quant.keep_sensitive=auto, at every bits
     noise_floor: bool = True  # the FP model's FD on a second, disjoint seed set
+    e2e_iterations: int = 0  # > 0: dilatequant rows with this many end-to-end iterations after the blocks
+    e2e_inputs: list[Literal["fp", "quantized"]] = field(default_factory=lambda: ["fp", "quantized"])
     sensitivity_top: int = 3  # each trained model's most sensitive units (`qdistill sensitivity`); 0: none
     sensitivity_rows: int = 64  # calibration rows that sensitivity measures on
     update: str | None = None  # also write the table into this Markdown file's marked section
@@ -334,3 +336,5 @@ class BenchmarkConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.sensitivity_top < 0:
             raise ValueError(f"sensitivity_top must be >= 0 (0: none), got {self.sensitivity_top}")
+        if self.e2e_iterations < 0:
+            raise ValueError(f"e2e_iterations must be >= 0 (0: no end-to-end rows), got {self.e2e_iterations}")

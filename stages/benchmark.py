@@ -11,6 +11,8 @@ Recipes (DESIGN.md §3.1–3.8; each an installed config, run by the same `qdist
                    with it)
   dilatequant      qdistill train --config dilatequant (Weight Dilation + TPQ + BKD)
   dilatequant+ptqd the dilatequant model, qdistill export --config dilatequant+ptqd
+  dilatequant + end to end  the dilatequant model resumed with `distill.e2e_iterations` (e2e_iterations > 0; on each
+                   of `e2e_inputs`, alone and with the sensitive layers kept)
 plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and two W4A4 dilatequant+ptqd rows
 with step-aware mixed precision by PTQD's noise rule: A4/A8 (one weight copy) and W4A4/W8A8 (a second, 8-bit
 weight copy from the FP model).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +44,7 @@ from ..configs import CONFIG_DIR
 from ..configs.schema import BenchmarkConfig, EvalConfig
 from ..errors import ConfigError, QdistillError
 from ..files import atomic_write_text
+from ..trainer.run_state import CHECKPOINT
 
 logger = logging.getLogger(__name__)
 QDISTILL = [sys.executable, "-m", "qdistill"]
@@ -58,17 +62,19 @@ class Row:
     mixed_precision: bool = False
     mixed_weights: bool = False  # mixed precision switches weights too (a second, 8-bit weight copy)
     keep_sensitive: bool = False  # quant.keep_sensitive=auto: the most sensitive layers at higher precision
+    e2e: str = ""  # end-to-end distillation after the blocks, on "fp" or "quantized" inputs; "": none
 
     @property
     def name(self) -> str:
         suffix = "-mpw" if self.mixed_weights else "-mp" if self.mixed_precision else ""
-        suffix += "-keep" if self.keep_sensitive else ""
+        suffix += ("-keep" if self.keep_sensitive else "") + (f"-e2e{self.e2e}" if self.e2e else "")
         return f"{self.recipe}-{self.bits}-{self.scheduler}{suffix}".replace("+", "_")
 
     @property
     def model(self) -> str:
         """The trained model's folder name under OUT/models."""
-        return f"{self.base}-{self.bits}" + ("-keep" if self.keep_sensitive else "")
+        return (f"{self.base}-{self.bits}" + ("-keep" if self.keep_sensitive else "")
+                + (f"-e2e{self.e2e}" if self.e2e else ""))
 
     @property
     def base(self) -> str:
@@ -80,12 +86,16 @@ class Row:
         return self.recipe.endswith("ptqd")
 
 
-def rows_for(bits: list[str], recipes: list[str], extra_rows: bool, keep_sensitive: bool = False) -> list[Row]:
+def rows_for(bits: list[str], recipes: list[str], extra_rows: bool, keep_sensitive: bool = False,
+             e2e_inputs: tuple[str, ...] = ()) -> list[Row]:
     rows = [Row("fp", "FP32")]
     for b in bits:
         rows += [Row(r, b) for r in recipes]
         if keep_sensitive:
             rows += [Row(r, b, keep_sensitive=True) for r in recipes if r in ("rtn", "dilatequant")]
+        if "dilatequant" in recipes:  # end to end after the blocks: alone, and with the sensitive layers kept
+            rows += [Row("dilatequant", b, keep_sensitive=keep, e2e=inputs) for inputs in e2e_inputs
+                     for keep in ((False, True) if keep_sensitive else (False,))]
     if extra_rows:
         ddpm_bits = "W4A8" if "W4A8" in bits else bits[0]
         rows += [Row("fp", "FP32", "ddpm")]
@@ -129,6 +139,8 @@ def train_model(row: Row, args, out: Path) -> dict:
     record = run_dir / "benchmark_stage.json"
     if record.is_file():
         return json.loads(record.read_text())
+    if row.e2e:
+        return train_end_to_end(row, args, out)
     wb, ab = bits[1], bits[3]
     common = [f"model={args.model}", f"out={run_dir}", f"quant.weight_bits={wb}", f"quant.act_bits={ab}"]
     if row.keep_sensitive:
@@ -163,6 +175,28 @@ def train_model(row: Row, args, out: Path) -> dict:
         logger.info(f"{row.model}: the {args.sensitivity_top} most sensitive units\n"
                     f"{sensitivity_table(report, args.sensitivity_top)}")
     atomic_write_text(record, json.dumps(stage, indent=2))
+    return stage
+
+
+def train_end_to_end(row: Row, args, out: Path) -> dict:
+    """The row's block-trained model (trained first if need be) given `args.e2e_iterations` of end-to-end
+    distillation: its checkpoint copied into a folder of its own and resumed with the phase added. Calibration time
+    is the blocks' plus the phase's; peak memory the larger of the two."""
+    base = train_model(dataclasses.replace(row, e2e=""), args, out)
+    run_dir = out / "models" / row.model
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off before its record: start the phase over
+    shutil.copytree(Path(base["run"]) / CHECKPOINT, run_dir / CHECKPOINT)
+    cmd = [*QDISTILL, "train", "--config", str(args.configs / "dilatequant.yaml"), f"model={args.model}",
+           f"out={run_dir}", f"quant.weight_bits={row.bits[1]}", f"quant.act_bits={row.bits[3]}",
+           f"trajectories={args.trajectories}", f"sampling.num_samples={args.fidelity_samples}",
+           f"distill.iterations={args.iterations}", f"distill.e2e_iterations={args.e2e_iterations}",
+           f"distill.e2e_inputs={row.e2e}"] + (["quant.keep_sensitive=auto"] if row.keep_sensitive else [])
+    seconds, peak = run(cmd, run_dir / "stage.log")
+    e2e = json.loads((run_dir / "metrics.json").read_text())["e2e"]
+    stage = {**base, "run": str(run_dir), "calibration_seconds": round(base["calibration_seconds"] + seconds, 1),
+             "peak_rss_mb": round(max(base["peak_rss_mb"], peak), 1), "e2e_seconds": round(seconds, 1),
+             "e2e": {k: e2e[k] for k in ("init_mse", "final_mse", "best_mse", "kept")}}
+    atomic_write_text(run_dir / "benchmark_stage.json", json.dumps(stage, indent=2))
     return stage
 
 
@@ -242,6 +276,7 @@ def evaluate_row(row: Row, args, out: Path) -> dict:
     return {"fd": m.get("fd"), "delta_fd": m.get("delta_fd"), "fd_fp": m.get("fd_fp"), "psnr_db": m.get("psnr_db"),
             "fd_vs_fp_samples": m.get("fd_vs_fp_samples"), "kept_layers": stage.get("kept_layers"),
             "most_sensitive": stage.get("most_sensitive"),
+            "e2e": stage.get("e2e"), "e2e_seconds": stage.get("e2e_seconds"),
             "calibration_seconds": stage["calibration_seconds"], "peak_rss_mb": stage["peak_rss_mb"],
             "export_bytes": meta["size"]["file_bytes"],
             "relative_bops": relative_bops(export, row.scheduler, args.steps, args.model),
@@ -283,6 +318,7 @@ def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> st
         recipe = row.recipe + (" + mixed precision W4A4/W8A8" if row.mixed_weights else
                                " + mixed precision A4/A8" if row.mixed_precision else "")
         recipe += " + keep sensitive" if row.keep_sensitive else ""
+        recipe += f" + end to end ({row.e2e} inputs)" if row.e2e else ""
         lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
                      f"{fmt(r.get('fd_vs_fp_samples'), '.2f')} | {fmt(r.get('psnr_db'), '.2f')} | "
                      f"{fmt(r.get('calibration_seconds'), '.0f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | "
@@ -297,6 +333,10 @@ def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> st
         r = results.get(row.name) or {}
         if r.get("kept_layers"):
             notes.append(f"- {row.name} keeps " + ", ".join(f"`{c['name']}` at {c['to']}" for c in r["kept_layers"]))
+        if r.get("e2e"):
+            e = r["e2e"]
+            notes.append(f"- {row.name}: end to end, held-out calibration MSE vs FP {e['init_mse']:.3e} -> "
+                         f"{e['best_mse']:.3e} (kept: {e['kept']}), {r['e2e_seconds']:.0f} s of the calibration time")
         if r.get("most_sensitive") and not row.ptqd and not row.mixed_precision:
             notes.append(f"- {row.name}, most sensitive (share of the summed error alone, saving in FP): " + ", ".join(
                 f"`{u['name']}` {100 * u['share']:.0f} % / {100 * u['saving']:.0f} %" for u in r["most_sensitive"]))
@@ -328,7 +368,8 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
     if not (Path(args.trajectories) / "manifest.json").is_file():
         run([*QDISTILL, "calibrate", "--config", str(args.configs / "calibrate.yaml"),
              f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
-    rows = rows_for(args.bits, args.recipes, args.extra_rows, args.keep_sensitive_rows)
+    rows = rows_for(args.bits, args.recipes, args.extra_rows, args.keep_sensitive_rows,
+                    tuple(args.e2e_inputs) if args.e2e_iterations else ())
     t_start = time.time()
     for i, row in enumerate(rows):
         if row.name in results or row.recipe == "fp":

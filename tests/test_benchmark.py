@@ -27,6 +27,14 @@ def test_extra_rows_add_ddpm_and_mixed_precision_rows():
     assert [r.name for r in keep] == ["fp-FP32-ddim", "rtn-W8A8-ddim", "dilatequant-W8A8-ddim",
                                       "dilatequant_ptqd-W8A8-ddim", "rtn-W8A8-ddim-keep", "dilatequant-W8A8-ddim-keep"]
     assert keep[-1].model == "dilatequant-W8A8-keep" and keep[2].model == keep[3].model == "dilatequant-W8A8"
+    # end-to-end rows: dilatequant per input kind, alone and with the sensitive layers kept, each its own model
+    e2e = rows_for(["W8A8"], ["rtn", "dilatequant"], False, keep_sensitive=True, e2e_inputs=("fp", "quantized"))
+    assert [r.name for r in e2e[len(keep) - 1:]] == [
+        "dilatequant-W8A8-ddim-e2efp", "dilatequant-W8A8-ddim-keep-e2efp",
+        "dilatequant-W8A8-ddim-e2equantized", "dilatequant-W8A8-ddim-keep-e2equantized"]
+    assert [r.model for r in e2e[len(keep) - 1:len(keep) + 1]] == [
+        "dilatequant-W8A8-e2efp", "dilatequant-W8A8-keep-e2efp"]
+    assert rows_for(["W8A8"], ["rtn"], False, e2e_inputs=("fp",)) == rows_for(["W8A8"], ["rtn"], False)
 
 
 @pytest.mark.slow
@@ -72,3 +80,4 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
     assert "$ " not in capsys.readouterr().out
     assert qdistill([*args, "iterations=3"]) == 2
     assert "other settings" in capsys.readouterr().err
+

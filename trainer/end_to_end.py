@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.calibration_set import COND_COLUMNS, read_manifest, shard_name, to_model_inputs
+from ..data.calibration_set import COND_COLUMNS, read_manifest, shard_name
 from ..data.trajectories import Conditioning, record_trajectories
 from ..devices import autocast, cast_inputs
 from ..errors import ConfigError
@@ -151,7 +151,7 @@ class EndToEndDistiller:
                                    lambda it: self.save(it, engine))
         finally:
             release_engine(engine)
-            del engine
+            engine = None  # the engine holds Adam's state for the whole model: free it before the final evaluation
             gc.collect()
             self.phase.leave(student)
             if cfg.e2e_checkpointing:
