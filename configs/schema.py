@@ -325,6 +325,8 @@ class BenchmarkConfig:
     noise_floor: bool = True  # the FP model's FD on a second, disjoint seed set
     e2e_iterations: int = 0  # > 0: dilatequant rows with this many end-to-end iterations after the blocks
     e2e_inputs: list[Literal["fp", "quantized"]] = field(default_factory=lambda: ["fp", "quantized"])
+    low_rank: int = 0  # > 0: rtn and dilatequant rows with a low-rank float branch of this rank (quant.low_rank)
+    weight_group_size: int = 0  # > 0: rows with group-wise 4-bit weights (quant.weight_group_size)
     sensitivity_top: int = 3  # each trained model's most sensitive units (`qdistill sensitivity`); 0: none
     sensitivity_rows: int = 64  # calibration rows that sensitivity measures on
     update: str | None = None  # also write the table into this Markdown file's marked section
@@ -336,5 +338,8 @@ class BenchmarkConfig:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if self.sensitivity_top < 0:
             raise ValueError(f"sensitivity_top must be >= 0 (0: none), got {self.sensitivity_top}")
+        for key in ("low_rank", "weight_group_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0: no such rows), got {getattr(self, key)}")
         if self.e2e_iterations < 0:
             raise ValueError(f"e2e_iterations must be >= 0 (0: no end-to-end rows), got {self.e2e_iterations}")

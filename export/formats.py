@@ -18,7 +18,9 @@ from pathlib import Path
 from ..files import atomic_write_text
 
 QUANTIZED, QUANTIZED_VERSION = "qdistill-quantized", 1
-EXPORT, EXPORT_VERSION = "qdistill-export", 2  # 2 added second weight copies (step weights); else still 1
+# 2 added second weight copies (step weights), 3 group-wise weights and low-rank branches; each export is written
+# at the oldest version that holds it
+EXPORT, EXPORT_VERSION = "qdistill-export", 3
 LOADERS = {QUANTIZED: "qdistill.export.load_quantized(folder)",
            EXPORT: "qdistill.export.load_exported(folder, mode='simulated' or 'integer')"}
 

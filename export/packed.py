@@ -7,7 +7,9 @@
                                (biases, norms, layers kept in FP) under its own state-dict name; a layer with
                                a second weight copy (step-aware mixed precision, format 2) also has
                                `<layer>.step_weights.weight.<g>.{codes,scale,zero_point}` and the steps that
-                               use it, `<layer>.step_weights.{timesteps,use}`
+                               use it, `<layer>.step_weights.{timesteps,use}`; format 3: group-wise weights
+                               (`.scale`/`.zero_point` one per output channel and input-channel group, output
+                               channel major) and low-rank float branches (`<layer>.low_rank.{up,down}`)
     OUT/quant_config.json      format version, qdistill version, recipe, bits and granularity, every quantized
                                layer (shape, bits, groups, TPQ rows) and every FP layer, source model and hash,
                                sha256 and size of model.safetensors, the size report
@@ -84,16 +86,24 @@ def _unpack_weight(prefix: str, quantizers, input_groups, shape: list[int], tens
     weight = torch.empty(shape)
     qprefix = prefix.rpartition(".")[0]
     qprefix = f"{qprefix}.weight_quantizers" if qprefix else "weight_quantizers"
-    bshape = (-1,) + (1,) * (weight.dim() - 1)
     for g, (q, (a, b)) in enumerate(zip(quantizers, input_groups)):
         q: UniformQuantizer
         scale = tensors.pop(f"{prefix}.{g}.scale")
         zero = tensors.pop(f"{prefix}.{g}.zero_point").float()
         codes = unpack_codes(tensors.pop(f"{prefix}.{g}.codes"), q.bits, q.qmin, [shape[0], b - a, *shape[2:]])
-        weight[:, a:b] = (codes.float() - zero.view(bshape)) * scale.view(bshape)
+        if scale.numel() != q.delta.numel() or zero.numel() != q.delta.numel():
+            raise ExportError(f"{prefix}.{g}: {scale.numel()} scales for a quantizer of {q.delta.numel()} rows")
+        weight[:, a:b] = (codes.float() - q._broadcast(zero, codes)) * q._broadcast(scale, codes)
         state[f"{qprefix}.{g}.delta"] = scale
         state[f"{qprefix}.{g}.zero"] = zero
     state[prefix] = weight
+
+
+def _format_version(layers: dict) -> int:
+    """The oldest format that holds these layers, so older readers still load what they can run."""
+    if any("low_rank" in v or "weight_group_size" in v for v in layers.values()):
+        return 3
+    return 2 if any("step_weights" in v for v in layers.values()) else 1
 
 
 @torch.no_grad()
@@ -122,6 +132,12 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
                 "act_bits": m.spec.act_bits, "act_symmetric": m.spec.act_symmetric,
                 "tpq_rows": [int(q.timesteps.numel()) for q in m.input_quantizers],
             }
+            if m.spec.weight_group_size:  # one scale and zero point per output channel and group of input channels
+                layers[name]["weight_group_size"] = m.spec.weight_group_size
+            if m.low_rank is not None:  # SVDQuant's float branch: `<layer>.low_rank.{up,down}` in the file
+                layers[name]["low_rank"] = m.low_rank.rank
+                size["low_rank_bytes"] = size.get("low_rank_bytes", 0) + 4 * (m.low_rank.up.numel()
+                                                                              + m.low_rank.down.numel())
             if m.step_weights is not None:  # the second weight copy of step-aware mixed precision
                 sw = m.step_weights
                 size["step_weights_packed_bytes"] = size.get("step_weights_packed_bytes", 0) + _pack_weight(
@@ -136,7 +152,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
             state[key[:-6] + ".zero"] = state[key[:-6] + ".zero"].round()
     tensors.update({k: v.contiguous() for k, v in state.items()})
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION if any("step_weights" in v for v in layers.values()) else 1,
+        "format": FORMAT, "format_version": _format_version(layers),
         "qdistill_version": __version__,
         "model_class": type(model).__name__, "recipe": recipe, "source_model": source_model,
         "source_model_hash": source_model_hash, "quant_config": config.to_dict(),
@@ -242,7 +258,9 @@ def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=
     try:
         for name, spec in meta["layers"].items():
             m = model.get_submodule(name)
-            if [list(g) for g in m.input_groups] != spec["input_groups"] or list(m.weight.shape) != spec["weight_shape"]:
+            if ([list(g) for g in m.input_groups] != spec["input_groups"] or list(m.weight.shape) != spec["weight_shape"]
+                    or (m.low_rank.rank if m.low_rank is not None else 0) != spec.get("low_rank", 0)
+                    or m.spec.weight_group_size != spec.get("weight_group_size", 0)):
                 raise ExportError(f"{path / META_FILE}: layer {name} does not match the model its config builds")
             _unpack_weight(f"{name}.weight", m.weight_quantizers, m.input_groups, spec["weight_shape"], tensors, state)
             if "step_weights" in spec:

@@ -65,6 +65,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor):
         nn.Module.__init__(self)  # not UniformQuantizer's: Δ and z are the replaced quantizer's, not new ones
         self.bits, self.symmetric, self.channel_axis = quantizer.bits, quantizer.symmetric, quantizer.channel_axis
+        self.group_size, self.group_channels = quantizer.group_size, quantizer.group_channels
         self.delta = quantizer.delta
         if isinstance(quantizer.zero, nn.Parameter):
             self.zero = quantizer.zero

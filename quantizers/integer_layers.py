@@ -7,13 +7,15 @@ so the kernel gets `q − z` and zero point 0; an asymmetric 8-bit grid's does n
 `q − 128` plus one extra output channel of ones that returns Σ x̂ over each window, and the layer subtracts
 `Δ_w · (z − 128) · Σ x̂`. Both are exact integer arithmetic; only the final float scaling differs from the
 simulated float kernels. A layer with step weights (a second weight copy for some sampler steps) prepacks both
-copies; each sample runs on its step's.
+copies; each sample runs on its step's. Group-wise weights run one kernel per input-channel group on the same
+activation codes (summed in float); a low-rank branch runs in float on the layer's input and is added.
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import integer_kernels as kernels
@@ -36,25 +38,41 @@ def simulated_reason(layer: nn.Module) -> str | None:
 
 
 class _IntegerWeights:
-    """One input group's int8 weight, prepacked, with per-output-channel scales, its bias and the zero-point
-    correction (None when q − z fits in int8; else the ones channel is appended, with bias 0)."""
+    """One slice of input channels' int8 weight, prepacked, with per-output-channel scales, its bias and the
+    zero-point correction (None when q − z fits in int8; else the ones channel is appended, with bias 0). `codes`
+    are the weight quantizer's integer codes of the slice, `zero`/`scale` its per-output-channel grid."""
 
-    def __init__(self, weight: torch.Tensor, quantizer, bias: torch.Tensor | None, is_conv: bool, conv_args):
-        codes = quantizer.to_int(weight).to(torch.int32)
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        zero = quantizer.zero.detach().round().to(torch.int32)
-        self.scale = quantizer.delta.detach().abs().clamp_min(1e-10).float()
+    def __init__(self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                 bias: torch.Tensor | None, is_conv: bool, conv_args):
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        self.scale = scale.float().contiguous()  # oneDNN reads the scales as a flat array
         self.correction = None
         self.bias = bias
         w = codes - zero.view(shape)
         if int(w.min()) < -128 or int(w.max()) > 127:
-            shift = (quantizer.qmin + quantizer.qmax + 1) // 2
+            shift = (qmin + qmax + 1) // 2
             w = torch.cat([codes - shift, torch.ones_like(codes[:1])])
             self.correction = self.scale * (zero - shift).float()
             self.scale = torch.cat([self.scale, self.scale.new_ones(1)])
-            self.bias = torch.cat([bias if bias is not None else torch.zeros(weight.shape[0]), torch.zeros(1)])
+            self.bias = torch.cat([bias if bias is not None else torch.zeros(codes.shape[0]), torch.zeros(1)])
         self.packed = kernels.prepack_conv2d(w, self.scale, *conv_args) if is_conv else kernels.prepack_linear(w)
         self.max_code = int(w.abs().max())
+
+
+def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_args) -> list[tuple[int, int, _IntegerWeights]]:
+    """One input group's weight as (first channel, end channel, int8 weights) per weight group: one part per
+    output-channel quantizer, one per input-channel group of a group-wise one (each its own kernel call, summed
+    in float, since the groups' scales differ along the summed dimension)."""
+    codes = quantizer.to_int(weight).to(torch.int32)
+    groups, size = quantizer.num_groups, quantizer.group_size or weight.shape[1]
+    zero = quantizer.zero.detach().round().to(torch.int32).view(weight.shape[0], groups)
+    scale = quantizer.delta.detach().abs().clamp_min(1e-10).float().view(weight.shape[0], groups)
+    parts = []
+    for j in range(groups):
+        a, b = j * size, min(weight.shape[1], (j + 1) * size)
+        parts.append((a, b, _IntegerWeights(codes[:, a:b], zero[:, j], scale[:, j], quantizer.qmin, quantizer.qmax,
+                                            bias if j == 0 else None, is_conv, conv_args)))
+    return parts
 
 
 class IntegerLayer(nn.Module):
@@ -71,6 +89,7 @@ class IntegerLayer(nn.Module):
         self.dilated = bool((self.dilation_scale != 1).any())
         self.conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups) if self.is_conv else None
         self.out_features = layer.weight.shape[0]
+        self.low_rank = layer.low_rank  # SVDQuant's float branch, added to the kernels' output
         bias = layer.bias.detach().float() if layer.bias is not None else None
         # weights[0]: the layer's own, per input group; weights[1]: the step-weight copy's. The bias goes
         # with the first group.
@@ -93,13 +112,26 @@ class IntegerLayer(nn.Module):
                              qmax - qmin))
             self.tables.append(rows)
         # the largest sum of two u8·s8 products: what an int16 accumulation (CPUs without VNNI) must hold
-        self.max_pair_sum = max(2 * max(row[3] for row in rows) * max(copy[g].max_code for copy in self.weights)
+        self.max_pair_sum = max(2 * max(row[3] for row in rows)
+                                * max(iw.max_code for copy in self.weights for _, _, iw in copy[g])
                                 for g, rows in enumerate(self.tables))
 
-    def _pack(self, weight: torch.Tensor, quantizers, bias) -> list[_IntegerWeights]:
+    def _pack(self, weight: torch.Tensor, quantizers, bias) -> list[list[tuple[int, int, _IntegerWeights]]]:
         w = weight.detach()
-        return [_IntegerWeights(w[:, a:b], q, bias if g == 0 else None, self.is_conv, self.conv_args)
+        return [_weight_parts(w[:, a:b], q, bias if g == 0 else None, self.is_conv, self.conv_args)
                 for g, (q, (a, b)) in enumerate(zip(quantizers, self.input_groups))]
+
+    def _parts(self, parts, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
+        """The kernels of one input group's weight parts on its activation codes, summed."""
+        if len(parts) == 1:
+            return self._kernel(parts[0][2], qx, x_scale, x_zero)
+        out = None
+        for a, b, iw in parts:
+            part = qx.narrow(self.channel_dim, a, b - a)
+            part = part.contiguous(memory_format=torch.channels_last) if self.is_conv else part.contiguous()
+            y = self._kernel(iw, part, x_scale, x_zero)
+            out = y if out is None else out.add_(y)
+        return out
 
     def _kernel(self, iw: _IntegerWeights, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
         if self.is_conv:
@@ -123,14 +155,14 @@ class IntegerLayer(nn.Module):
         first = int(keys[0])
         if bool((keys == first).all()):  # the sampler's case: one timestep per call
             delta, zero, inv, top = table[first // len(self.weights)]
-            iw = self.weights[first % len(self.weights)][g]
-            return self._kernel(iw, kernels.quantize_activation(x, inv, zero, top), delta, zero)
+            parts = self.weights[first % len(self.weights)][g]
+            return self._parts(parts, kernels.quantize_activation(x, inv, zero, top), delta, zero)
         out = None
         for k in keys.unique().tolist():
             idx = (keys == k).nonzero().squeeze(1)
             delta, zero, inv, top = table[k // len(self.weights)]
-            iw = self.weights[k % len(self.weights)][g]
-            y = self._kernel(iw, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
+            parts = self.weights[k % len(self.weights)][g]
+            y = self._parts(parts, kernels.quantize_activation(x[idx], inv, zero, top), delta, zero)
             if out is None:
                 out = y.new_empty((x.shape[0],) + y.shape[1:])
             out[idx] = y
@@ -142,7 +174,13 @@ class IntegerLayer(nn.Module):
             xg = x if len(self.input_groups) == 1 else x.narrow(self.channel_dim, a, b - a)
             y = self._group(g, xg)
             out = y if out is None else out + y
+        if self.low_rank is not None:
+            out = out + self.low_rank(x, self)
         return out
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """The float layer's convolution (zero padding: others have no integer kernel): the low-rank branch's."""
+        return F.conv2d(x, weight, bias, *self.conv_args)
 
     def extra_repr(self) -> str:
         kind = "conv2d" if self.is_conv else "linear"

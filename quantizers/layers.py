@@ -10,6 +10,11 @@ then behaves like two layers summed, one per half of `concat(h_deep, h_skip)`.
 Weight Dilation (§3.3) stores s per input channel in the `dilation_scale` buffer: the weight holds s·W and
 the input is divided by s as the first part of the input quantization step.
 
+A layer may hold a low-rank float branch (`low_rank`, quantizers/low_rank.py: SVDQuant's W = L1·L2 + R); its
+`weight` is then the residual R, and the branch runs on the raw input beside the quantized product. Weight
+quantizers may be group-wise (`LayerSpec.weight_group_size`: one (Δ, z) per output channel and group of input
+channels).
+
 A layer may also hold `step_weights` (quantizers/step_weights.py): a second, higher-bit weight copy that the
 sampler steps of a step-aware mixed-precision schedule use; each sample runs on its own step's weight.
 """
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dilation import dilate_weight, dilation_factors
+from .low_rank import LowRankBranch, layer_rank
 from .step_weights import StepWeights
 from .temporal import TemporalQuantizer
 from .uniform import UniformQuantizer
@@ -36,6 +42,8 @@ class LayerSpec:
     weight_symmetric: bool = False
     act_symmetric: bool = False
     per_timestep: bool = True
+    weight_group_size: int = 0  # input channels per weight (Δ, z) group; 0: per output channel
+    low_rank: int = 0  # rank of the float branch (at most half the weight's smaller side); 0: none
 
 
 class QuantLayerMixin:
@@ -50,9 +58,12 @@ class QuantLayerMixin:
         self.input_groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         like = {"device": self.weight.device, "dtype": self.weight.dtype}  # all quantizer state beside the weight
         self.weight_quantizers = nn.ModuleList(
-            [UniformQuantizer(spec.weight_bits, spec.weight_symmetric, 0, out_ch, **like) for _ in self.input_groups]
+            [UniformQuantizer(spec.weight_bits, spec.weight_symmetric, 0, out_ch, **like,
+                              group_size=spec.weight_group_size, group_channels=b - a) for a, b in self.input_groups]
             if spec.weight_bits is not None else []
         )
+        rank = layer_rank(spec.low_rank, self.weight, getattr(self, "groups", 1)) if spec.weight_bits is not None else 0
+        self.low_rank = LowRankBranch(self.weight, rank) if rank else None
         self.input_quantizers = nn.ModuleList(
             [TemporalQuantizer(spec.act_bits, spec.act_symmetric, spec.per_timestep, **like)
              for _ in self.input_groups]
@@ -65,6 +76,13 @@ class QuantLayerMixin:
     @property
     def can_dilate(self) -> bool:
         return len(self.input_quantizers) > 0 and getattr(self, "groups", 1) == 1
+
+    @torch.no_grad()
+    def split_low_rank(self) -> None:
+        """Move the weight's top singular directions into the low-rank branch (before dilation: the branch
+        reads the undilated input), leaving the residual to quantize."""
+        if self.low_rank is not None:
+            self.low_rank.split_(self.weight)
 
     @torch.no_grad()
     def apply_weight_dilation(self) -> None:
@@ -100,7 +118,12 @@ class QuantLayerMixin:
         return torch.cat(parts, dim=self.channel_dim)
 
     def _forward_with(self, op, x: torch.Tensor) -> torch.Tensor:
-        """op(quantized input, quantized weight); with step weights, each sample uses its step's weight."""
+        """op(quantized input, quantized weight), plus the low-rank branch on the raw input; with step weights,
+        each sample uses its step's weight."""
+        y = self._quantized_product(op, x)
+        return y if self.low_rank is None else y + self.low_rank(x, self)
+
+    def _quantized_product(self, op, x: torch.Tensor) -> torch.Tensor:
         xq = self.quant_input(x)
         if self.step_weights is None:
             return op(xq, self.quant_weight())
@@ -114,7 +137,8 @@ class QuantLayerMixin:
 
     def extra_repr(self) -> str:
         split = f", split={[b for _, b in self.input_groups[:-1]]}" if len(self.input_groups) > 1 else ""
-        return f"{super().extra_repr()}, W{self.spec.weight_bits}A{self.spec.act_bits}{split}"
+        group = f", weight groups of {self.spec.weight_group_size}" if self.spec.weight_group_size else ""
+        return f"{super().extra_repr()}, W{self.spec.weight_bits}A{self.spec.act_bits}{split}{group}"
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):

@@ -16,7 +16,7 @@ bit-width (`TemporalQuantizer.row_bits`), and a layer whose weight bits switch h
 copies), `integer` mode and every sampler then use each step's bits with no further plumbing.
 
 Bit-operations (BOPs) count the multiply-accumulates of every Conv2d/Linear, weighted by weight bits ×
-activation bits (32 × 32 for floating-point layers); attention's two activation-activation matmuls are not
+activation bits (32 × 32 for floating-point layers and low-rank branches); attention's two activation-activation matmuls are not
 counted (they are the same in every schedule).
 """
 from __future__ import annotations
@@ -97,6 +97,8 @@ def bit_operations(model: nn.Module, macs: dict[str, int], timestep: float) -> f
             if len(m.input_quantizers):
                 q: TemporalQuantizer = m.input_quantizers[0]
                 a_bits = int(q.row_bits[q.rows_for(t.to(q.timesteps.device))])
+            if m.low_rank is not None:  # the float branch beside the quantized residual
+                total += m.low_rank.macs(n, m.weight) * FP_BITS * FP_BITS
         total += n * w_bits * a_bits
     return total
 
@@ -167,6 +169,8 @@ def with_weight_bits(model: nn.Module, from_bits: int, to_bits: int, fp_model: n
             if w.shape != m.weight.shape:
                 raise ValueError(f"the FP model's {name}.weight is {tuple(w.shape)}, the quantized layer's "
                                  f"{tuple(m.weight.shape)}")
+            if m.low_rank is not None:  # the copy stands in for the residual: the branch is shared by both
+                w = w - m.low_rank.product().detach()
             if hasattr(m, "dilation_scale"):
                 w = torch.cat([dilate_weight(w[:, a:b], m.dilation_scale[a:b]) for a, b in m.input_groups], dim=1)
             m.weight.copy_(w)

@@ -48,6 +48,11 @@ class QuantConfig:
     keep_sensitive_bits: list[int | str | None] = field(default_factory=lambda: ["fp", 8])  # highest first
     keep_sensitive_budget: float = 0.03
     keep_sensitive_rows: int = 256
+    # outliers beyond Weight Dilation: a float branch of this rank beside every quantized layer (SVDQuant,
+    # quantizers/low_rank.py; 0: off), and one weight (Δ, z) per group of this many input channels for weights
+    # at 4 bits or fewer (0: per output channel)
+    low_rank: int = 0
+    weight_group_size: int = 0
 
     def __post_init__(self):
         for key in ("weight_bits", "act_bits", "softmax_bits", "attention_bits", "first_last_bits",
@@ -71,6 +76,10 @@ class QuantConfig:
                              f"{self.keep_sensitive_budget}")
         if self.keep_sensitive_rows < 1:
             raise ValueError(f"keep_sensitive_rows must be >= 1, got {self.keep_sensitive_rows}")
+        for key in ("low_rank", "weight_group_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0 (0: off), got {value!r}")
         if not self.attention_chunk_mb >= 0:
             raise ValueError(f"attention_chunk_mb must be >= 0 (0: no bound), got {self.attention_chunk_mb}")
 
@@ -148,7 +157,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
         if bits[name] is None:
             continue  # kept in floating point by config
         wbits, abits = bits[name]
-        spec = LayerSpec(wbits, abits, config.weight_symmetric, config.act_symmetric, config.per_timestep)
+        spec = LayerSpec(wbits, abits, config.weight_symmetric, config.act_symmetric, config.per_timestep,
+                         config.weight_group_size if wbits is not None and wbits <= 4 else 0, config.low_rank)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         _set_module(model, name, cls.from_float(module, spec, splits.get(name, ())))
 
@@ -163,6 +173,7 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
 
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and init_weights:
+            module.split_low_rank()
             if config.weight_dilation:
                 module.apply_weight_dilation()
             module.init_weight_quantizers(config.weight_init)

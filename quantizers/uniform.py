@@ -105,15 +105,25 @@ class UniformQuantizer(nn.Module):
     Used for weights (per output channel, axis 0). Δ is a learnable parameter (LSQ); for asymmetric
     quantizers so is z. `enabled = False` passes the input through unchanged. `device`/`dtype` are the
     quantized tensor's (as for torch.nn layers): the state is created there, never on the CPU by default.
+
+    `group_size` > 0 (weights, axis 0 only) gives each output channel one (Δ, z) per group of `group_size` input
+    channels (dim 1 of a weight with `group_channels` of them; a conv's group spans its whole kernel window; the
+    last group may be smaller). The rows are then `num_channels × groups`, output channel major.
     """
 
     def __init__(self, bits: int, symmetric: bool = False, channel_axis: int | None = 0, num_channels: int = 1,
-                 device=None, dtype=None):
+                 device=None, dtype=None, group_size: int = 0, group_channels: int = 0):
         super().__init__()
         self.bits = check_bits(bits)
         self.symmetric = symmetric
         self.channel_axis = channel_axis
+        if group_size and (channel_axis != 0 or group_channels < 1):
+            raise ValueError("group-wise quantization needs a weight quantizer (channel_axis 0) and its input "
+                             "channel count")
+        self.group_size = group_size if group_size and group_size < group_channels else 0
+        self.group_channels = group_channels
         rows = num_channels if channel_axis is not None else 1
+        rows *= self.num_groups
         self.delta = nn.Parameter(torch.ones(rows, device=device, dtype=dtype))
         if symmetric:
             self.register_buffer("zero", torch.zeros(rows, device=device, dtype=dtype))
@@ -129,14 +139,26 @@ class UniformQuantizer(nn.Module):
     def qmax(self) -> int:
         return qrange(self.bits, self.symmetric)[1]
 
+    @property
+    def num_groups(self) -> int:
+        """Groups of input channels per output channel (1 unless group-wise)."""
+        return -(-self.group_channels // self.group_size) if self.group_size else 1
+
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_axis is None:
             return x.reshape(1, -1)
+        if self.group_size:  # zero-padded to whole groups: 0 is on every grid, so padding changes no range or pick
+            pad = self.num_groups * self.group_size - x.shape[1]
+            x = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1) if pad else x
+            return x.reshape(x.shape[0] * self.num_groups, -1)
         return x.transpose(0, self.channel_axis).reshape(x.shape[self.channel_axis], -1)
 
     def _broadcast(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.channel_axis is None:
             return p.reshape(())
+        if self.group_size:  # each input channel reads its group's row
+            p = p.reshape(x.shape[0], self.num_groups).repeat_interleave(self.group_size, dim=1)[:, : x.shape[1]]
+            return p.reshape(*p.shape, *([1] * (x.dim() - 2)))
         shape = [1] * x.dim()
         shape[self.channel_axis] = -1
         return p.reshape(shape)
@@ -161,4 +183,6 @@ class UniformQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        if self.group_size:
+            kind += f", groups of {self.group_size} input channels"
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {kind}"

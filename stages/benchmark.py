@@ -11,6 +11,8 @@ Recipes (DESIGN.md §3.1–3.8; each an installed config, run by the same `qdist
                    with it)
   dilatequant      qdistill train --config dilatequant (Weight Dilation + TPQ + BKD)
   dilatequant+ptqd the dilatequant model, qdistill export --config dilatequant+ptqd
+  + low rank, + weight groups  rtn and dilatequant with `quant.low_rank` / `quant.weight_group_size` (low_rank,
+                   weight_group_size > 0), alone and together, and dilatequant with everything combined
   dilatequant + end to end  the dilatequant model resumed with `distill.e2e_iterations` (e2e_iterations > 0; on each
                    of `e2e_inputs`, alone and with the sensitive layers kept)
 plus DDPM rows for qdiffusion and ptqd (so PTQD's variance calibration shows) and two W4A4 dilatequant+ptqd rows
@@ -63,18 +65,31 @@ class Row:
     mixed_weights: bool = False  # mixed precision switches weights too (a second, 8-bit weight copy)
     keep_sensitive: bool = False  # quant.keep_sensitive=auto: the most sensitive layers at higher precision
     e2e: str = ""  # end-to-end distillation after the blocks, on "fp" or "quantized" inputs; "": none
+    low_rank: int = 0  # quant.low_rank: a float branch of this rank beside every quantized layer
+    group_size: int = 0  # quant.weight_group_size: group-wise 4-bit weights
+
+    @property
+    def outliers(self) -> str:
+        return (f"-lr{self.low_rank}" if self.low_rank else "") + (f"-g{self.group_size}" if self.group_size else "")
 
     @property
     def name(self) -> str:
         suffix = "-mpw" if self.mixed_weights else "-mp" if self.mixed_precision else ""
-        suffix += ("-keep" if self.keep_sensitive else "") + (f"-e2e{self.e2e}" if self.e2e else "")
+        suffix += ("-keep" if self.keep_sensitive else "") + self.outliers + (f"-e2e{self.e2e}" if self.e2e else "")
         return f"{self.recipe}-{self.bits}-{self.scheduler}{suffix}".replace("+", "_")
 
     @property
     def model(self) -> str:
         """The trained model's folder name under OUT/models."""
-        return (f"{self.base}-{self.bits}" + ("-keep" if self.keep_sensitive else "")
+        return (f"{self.base}-{self.bits}" + ("-keep" if self.keep_sensitive else "") + self.outliers
                 + (f"-e2e{self.e2e}" if self.e2e else ""))
+
+    @property
+    def quant_overrides(self) -> list[str]:
+        """The `quant.*` keys that make this row's model besides its bits."""
+        return ((["quant.keep_sensitive=auto"] if self.keep_sensitive else [])
+                + ([f"quant.low_rank={self.low_rank}"] if self.low_rank else [])
+                + ([f"quant.weight_group_size={self.group_size}"] if self.group_size else []))
 
     @property
     def base(self) -> str:
@@ -87,8 +102,11 @@ class Row:
 
 
 def rows_for(bits: list[str], recipes: list[str], extra_rows: bool, keep_sensitive: bool = False,
-             e2e_inputs: tuple[str, ...] = ()) -> list[Row]:
+             e2e_inputs: tuple[str, ...] = (), low_rank: int = 0, group_size: int = 0) -> list[Row]:
     rows = [Row("fp", "FP32")]
+    # outlier handling: the low-rank branch and group-wise weights alone, then both
+    outliers = [o for o, on in (((low_rank, 0), low_rank), ((0, group_size), group_size),
+                                ((low_rank, group_size), low_rank and group_size)) if on]
     for b in bits:
         rows += [Row(r, b) for r in recipes]
         if keep_sensitive:
@@ -96,6 +114,12 @@ def rows_for(bits: list[str], recipes: list[str], extra_rows: bool, keep_sensiti
         if "dilatequant" in recipes:  # end to end after the blocks: alone, and with the sensitive layers kept
             rows += [Row("dilatequant", b, keep_sensitive=keep, e2e=inputs) for inputs in e2e_inputs
                      for keep in ((False, True) if keep_sensitive else (False,))]
+        grouped = int(b[1]) <= 4  # group-wise weights apply to 4-bit weights: elsewhere a row would be a copy
+        here = [o for o in outliers if grouped or not o[1]]
+        rows += [Row(r, b, low_rank=lr, group_size=g) for lr, g in here for r in recipes if r in ("rtn", "dilatequant")]
+        if here and "dilatequant" in recipes and (keep_sensitive or e2e_inputs):  # everything combined
+            rows.append(Row("dilatequant", b, keep_sensitive=keep_sensitive, e2e=e2e_inputs[0] if e2e_inputs else "",
+                            low_rank=low_rank, group_size=group_size if grouped else 0))
     if extra_rows:
         ddpm_bits = "W4A8" if "W4A8" in bits else bits[0]
         rows += [Row("fp", "FP32", "ddpm")]
@@ -143,8 +167,7 @@ def train_model(row: Row, args, out: Path) -> dict:
         return train_end_to_end(row, args, out)
     wb, ab = bits[1], bits[3]
     common = [f"model={args.model}", f"out={run_dir}", f"quant.weight_bits={wb}", f"quant.act_bits={ab}"]
-    if row.keep_sensitive:
-        common.append("quant.keep_sensitive=auto")
+    common += row.quant_overrides
     if recipe == "rtn":
         cmd = [*QDISTILL, "quantize", "--config", str(args.configs / "rtn.yaml"), *common,
                *same_calibration(args.trajectories), f"sampling.num_samples={args.fidelity_samples}"]
@@ -190,7 +213,7 @@ def train_end_to_end(row: Row, args, out: Path) -> dict:
            f"out={run_dir}", f"quant.weight_bits={row.bits[1]}", f"quant.act_bits={row.bits[3]}",
            f"trajectories={args.trajectories}", f"sampling.num_samples={args.fidelity_samples}",
            f"distill.iterations={args.iterations}", f"distill.e2e_iterations={args.e2e_iterations}",
-           f"distill.e2e_inputs={row.e2e}"] + (["quant.keep_sensitive=auto"] if row.keep_sensitive else [])
+           f"distill.e2e_inputs={row.e2e}", *row.quant_overrides]
     seconds, peak = run(cmd, run_dir / "stage.log")
     e2e = json.loads((run_dir / "metrics.json").read_text())["e2e"]
     stage = {**base, "run": str(run_dir), "calibration_seconds": round(base["calibration_seconds"] + seconds, 1),
@@ -318,6 +341,8 @@ def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> st
         recipe = row.recipe + (" + mixed precision W4A4/W8A8" if row.mixed_weights else
                                " + mixed precision A4/A8" if row.mixed_precision else "")
         recipe += " + keep sensitive" if row.keep_sensitive else ""
+        recipe += f" + low rank {row.low_rank}" if row.low_rank else ""
+        recipe += f" + weight groups of {row.group_size}" if row.group_size else ""
         recipe += f" + end to end ({row.e2e} inputs)" if row.e2e else ""
         lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
                      f"{fmt(r.get('fd_vs_fp_samples'), '.2f')} | {fmt(r.get('psnr_db'), '.2f')} | "
@@ -369,7 +394,7 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
         run([*QDISTILL, "calibrate", "--config", str(args.configs / "calibrate.yaml"),
              f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
     rows = rows_for(args.bits, args.recipes, args.extra_rows, args.keep_sensitive_rows,
-                    tuple(args.e2e_inputs) if args.e2e_iterations else ())
+                    tuple(args.e2e_inputs) if args.e2e_iterations else (), args.low_rank, args.weight_group_size)
     t_start = time.time()
     for i, row in enumerate(rows):
         if row.name in results or row.recipe == "fp":

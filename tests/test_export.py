@@ -189,7 +189,7 @@ def test_integer_layers_match_simulated_per_layer(bench_exports, bits):
                 set_timesteps(m, t)
                 x_in, y_sim = seen[name]
                 errors[name] = rel_err(m(x_in), y_sim)
-                corrected += any(w.correction is not None for w in m.weights[0])
+                corrected += any(w.correction is not None for parts in m.weights[0] for _, _, w in parts)
     assert len(errors) == len(seen)
     assert max(errors.values()) < 1e-3, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     if bits == (8, 8):
