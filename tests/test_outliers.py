@@ -214,3 +214,30 @@ def test_distillation_trains_the_branch_with_the_weights_and_export_reloads_the_
     kw = example_inputs(trained, seed=9, timesteps=[900, 500, 100, 0])
     with torch.no_grad():
         assert torch.equal(exported(**kw).sample, trained.eval()(**kw).sample)
+
+
+@pytest.mark.parametrize("where", ["float64", "bfloat16", "meta"])
+def test_branch_and_group_state_follow_the_models_dtype_and_device(where):
+    """All new state (the branch's up/down, the grouped step sizes) is created beside the weight, so `.to()`
+    moves it and a meta model holds nothing on the CPU; a bf16 model runs within bf16 rounding of fp32."""
+    from test_device_dtype import assert_all
+
+    config = QuantConfig(weight_bits=4, act_bits=8, low_rank=2, weight_group_size=8)
+    if where == "meta":
+        with torch.device("meta"):
+            model = build_unet("attn-lpb1")
+        assert_all(quantize_(model, config), device="meta")
+        return
+    dtype = getattr(torch, where)
+    q32 = quantize_(build_unet("attn-lpb1"), config)
+    q = quantize_(build_unet("attn-lpb1").to(dtype), config)
+    assert_all(q, dtype=dtype)
+    assert any(".low_rank." in n for n, _ in q.named_parameters())
+    set_quantization(q32, weights=False, activations=False)
+    set_quantization(q, weights=False, activations=False)
+    kw = example_inputs(q32, timesteps=[999, 500, 250, 0])
+    with torch.no_grad():
+        ref = q32(**kw).sample
+        out = q(**{k: v.to(dtype) for k, v in kw.items()}).sample
+    assert out.dtype == dtype
+    assert rel_err(out.float(), ref) < (1e-6 if dtype == torch.float64 else 3e-2)
