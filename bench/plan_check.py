@@ -53,21 +53,14 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.measure)))
         return 0
 
-    import diffusers
-    import torch
-
-    from qdistill.bench.unet_shapes import SHAPES
+    from qdistill.bench.unet_shapes import save_random_model
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.trainer.memory_plan import plan
 
     out = Path(args.out)
     model = out / "model"
-    cls_name, config = SHAPES[args.shape]
-    if not (model / "model_index.json").is_file():
-        torch.manual_seed(0)
-        unet = getattr(diffusers, cls_name)(**config)
-        diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(model)
+    save_random_model(args.shape, model)
     traj = out / "traj"
     if not (traj / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "qdistill", "calibrate", "--config", "calibrate", f"model={model}",

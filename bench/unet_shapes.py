@@ -25,3 +25,32 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, 
 
 SHAPES = {"ddpm-cifar10": ("UNet2DModel", DDPM_CIFAR10), "sd-1.5": ("UNet2DConditionModel", SD15),
           "sdxl": ("UNet2DConditionModel", SDXL)}
+
+
+def save_random_model(shape: str, folder) -> "Path":
+    """A model of `shape` with random weights (seed 0) saved as a diffusers folder (a DDPM pipeline with a DDIM
+    scheduler for unconditional UNets, else the bare UNet), unless `folder` already holds one."""
+    from pathlib import Path
+
+    import diffusers
+    import torch
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
+        return folder
+    cls_name, config = SHAPES[shape]
+    torch.manual_seed(0)
+    model = getattr(diffusers, cls_name)(**config)
+    if cls_name == "UNet2DModel":
+        diffusers.DDPMPipeline(unet=model, scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
+    else:
+        model.save_pretrained(folder)
+    return folder
+
+
+if __name__ == "__main__":  # python -m qdistill.bench.unet_shapes ddpm-cifar10 runs/ddpm-cifar10-shape
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in SHAPES:
+        raise SystemExit(f"usage: python -m qdistill.bench.unet_shapes {{{','.join(SHAPES)}}} FOLDER")
+    print(save_random_model(sys.argv[1], sys.argv[2]))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import integer_attention
 from .temporal import TemporalQuantizer
 
 
@@ -28,6 +29,7 @@ class QuantAttnProcessor(nn.Module):
                  chunk_mb: float = 0, device=None, dtype=None):
         super().__init__()
         self.chunk_mb = chunk_mb  # the scores of one block of queries, at most (0: all queries at once)
+        self.integer = False  # set by integer mode (to_integer): inference on the codes, integer_attention.py
         like = {"device": device, "dtype": dtype}  # the Attention module's
         self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
         self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
@@ -86,6 +88,10 @@ class QuantAttnProcessor(nn.Module):
         return torch.bmm(probs, value)
 
     def _attention(self, attn, query, key, value, mask):
+        if self.integer and not torch.is_grad_enabled():
+            out = integer_attention.attend(self, attn, query, key, value, mask)
+            if out is not None:
+                return out
         rows = self.query_rows(query.shape[0], query.shape[1], key.shape[1])
         if rows >= query.shape[1]:
             return self._attend(attn, query, key, value, mask)

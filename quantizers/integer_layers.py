@@ -187,12 +187,25 @@ class IntegerLayer(nn.Module):
         return f"{kind}, out={self.out_features}, groups={len(self.input_groups)}, kernel={kernels.BACKEND}"
 
 
-def to_integer(model: nn.Module) -> dict:
-    """Swap every quantized layer that has an integer kernel here for an IntegerLayer, in place.
+def channels_last_inputs(model, args, kwargs):
+    """Forward pre-hook of an integer model: its 4-D inputs in channels_last (NHWC), the int8 convolutions' own
+    layout, so that every op meets one layout. With NCHW inputs each conv's activation codes were transposed
+    and its NHWC output met NCHW tensors in adds and concatenations, which on CPU cost more than the kernels
+    saved (BENCHMARKS.md, "Integer mode's glue")."""
+    def nhwc(v):
+        return v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+    return tuple(nhwc(a) for a in args), {k: nhwc(v) for k, v in kwargs.items()}
 
-    Returns {"integer": [layer names], "simulated": {reason: [names]}}; each reason is warned once.
+
+def to_integer(model: nn.Module) -> dict:
+    """Swap every quantized layer that has an integer kernel here for an IntegerLayer, in place, and run the
+    model in channels_last (its float convolutions' weights and its 4-D inputs).
+
+    Returns {"integer": [layer names], "simulated": {reason: [names]}, "attention": [names]}; each reason is
+    warned once. Attention modules run their matmuls in float on the quantized values (PyTorch has no batched
+    int8 matmul on CPU), the probabilities as codes (integer_attention.py).
     """
-    report = {"integer": [], "simulated": {}}
+    report = {"integer": [], "simulated": {}, "attention": []}
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANT_LAYERS):
             why = simulated_reason(module)
@@ -203,8 +216,10 @@ def to_integer(model: nn.Module) -> dict:
             else:
                 report["simulated"].setdefault(why, []).append(name)
         elif isinstance(getattr(module, "processor", None), QuantAttnProcessor):
-            why = "attention matmuls (QKᵀ, P·V) have no integer batched-matmul kernel in PyTorch on CPU"
-            report["simulated"].setdefault(why, []).append(name)
+            module.processor.integer = True  # softmax(QKᵀ)·V on the probabilities' codes: integer_attention.py
+            report["attention"].append(name)
+    model.to(memory_format=torch.channels_last)
+    model.qdistill_layout_hook = model.register_forward_pre_hook(channels_last_inputs, with_kwargs=True)
     for why, names in report["simulated"].items():
         warnings.warn(f"qdistill integer mode: {why}; {len(names)} module(s) run simulated "
                       f"(e.g. {names[0]})", stacklevel=2)

@@ -145,6 +145,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
             if "saturation_risk" in report:
                 metrics["integer_saturation_risk"] = report["saturation_risk"]
             metrics["simulated_modules"] = sum(len(v) for v in report["simulated"].values())
+            metrics["attention_on_codes"] = len(report["attention"])
         metrics.update(compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs))
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         grid = save_grid([from_uint8(x[:64]) for x in ([fp_images] if fp_images is not None else []) + [q_images]],

@@ -123,7 +123,7 @@ def test_integer_mode_runs_the_branch_and_groups_within_the_integer_tolerance(ou
     export_model(models[name], tmp_path / "e", recipe="test")
     sim = load_exported(tmp_path / "e", "simulated")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # attention runs simulated: warned, as for every model
+        warnings.simplefilter("ignore")  # no VNNI: the saturation note
         integer = load_exported(tmp_path / "e", "integer")
     assert integer.qdistill_export["integer_report"]["integer"]
     for ts in ([999, 750, 250, 0], [600, 600, 600, 600]):
