@@ -274,6 +274,7 @@ class EvalConfig:
     reference: str | None = None  # the FP model folder: fidelity metrics (PSNR, SSIM, noise MSE) and ΔFD
     out: str = ""  # folder for metrics.json, samples.png and tb/; default MODEL/eval
     mode: Literal["integer", "simulated"] = "integer"  # int8 kernels, or float kernels bit-exact with training
+    compile: bool = False  # integer mode through torch.compile (one graph for every step; the first call compiles)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer mode: int8 CPU kernels)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: FP and simulated forwards under autocast
     scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
@@ -297,6 +298,8 @@ class EvalConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.compile and self.mode != "integer":
+            raise ValueError(f"compile=true is integer mode's compiled path; got mode={self.mode}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..quantizers import QuantConfig, quantize_
-from ..quantizers.integer_layers import to_integer
+from ..quantizers.integer_layers import compile_integer, to_integer
 from ..quantizers.layers import QUANT_LAYERS
 from ..quantizers.noise_correction import NoiseCorrection
 from ..quantizers.packing import pack_codes, unpack_codes
@@ -232,15 +232,18 @@ def load_noise_correction(path: str | Path) -> NoiseCorrection | None:
 
 
 @torch.no_grad()
-def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=None):
+def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=None, compile: bool = False):
     """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer'), on `device` in
-    `dtype` (simulated mode; integer mode runs oneDNN's int8 kernels on the CPU).
+    `dtype` (simulated mode; integer mode runs oneDNN's int8 kernels on the CPU). `compile=True` (integer mode)
+    runs the forward through torch.compile, one graph for every timestep; the first call compiles (minutes).
 
     The weights are rebuilt from their integer codes; the file is checked against its recorded sha256.
     The returned model's `qdistill_export` holds the export's metadata (and in integer mode, which layers
     run integer kernels)."""
     if mode not in MODES:
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    if compile and mode != "integer":
+        raise ExportError(f"compile=True is the integer mode's compiled path; got mode={mode!r}")
     if mode == "integer" and (torch.device(device).type if device is not None else "cpu") != "cpu":
         raise ExportError(f"mode=integer runs int8 CPU kernels (oneDNN); on {device} use mode=simulated")
     path = Path(path)
@@ -282,4 +285,6 @@ def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=
     model.qdistill_export = dict(meta, mode=mode, path=str(path))
     if mode == "integer":
         model.qdistill_export["integer_report"] = to_integer(model)
+        if compile:
+            compile_integer(model)
     return model

@@ -27,6 +27,8 @@ def attend(processor, attn, query: torch.Tensor, key: torch.Tensor, value: torch
     then runs the simulated computation."""
     quantizer = processor.probs_quantizer
     batch_heads, queries, keys = query.shape[0], query.shape[1], key.shape[1]
+    if torch.compiler.is_compiling():
+        return _attend_traced(quantizer, attn, query, key, value, mask)
     if not quantizer.enabled or quantizer.observing or (mask is not None and mask.shape[0] != batch_heads):
         return None
     rows = quantizer.rows_for(quantizer._current_t(batch_heads))
@@ -52,3 +54,15 @@ def attend(processor, attn, query: torch.Tensor, key: torch.Tensor, value: torch
                 codes.clamp_(qmin, qmax)
             out[a:b, i:j] = torch.bmm(codes, value[a:b])
     return out.mul_(delta)
+
+
+def _attend_traced(quantizer, attn, query, key, value, mask) -> torch.Tensor:
+    """`attend` for torch.compile: the row gathered as a tensor (one row per call, which compile_integer checks)
+    and no blocks: the compiler fuses softmax and the quantization into one pass over the scores."""
+    row = quantizer.rows_for(quantizer._current_t(query.shape[0]))[:1]
+    delta = quantizer.delta[row].abs().clamp_min(1e-10)
+    zero = quantizer.zero[row].round()
+    qmin, qmax = quantizer.row_range(row)
+    codes = attn.get_attention_scores(query, key, mask).mul(1.0 / delta).round().add(zero)
+    codes = torch.minimum(torch.maximum(codes, qmin), qmax).sub(zero)
+    return torch.bmm(codes, value).mul(delta)

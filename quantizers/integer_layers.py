@@ -12,7 +12,11 @@ activation codes (summed in float); a low-rank branch runs in float on the layer
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import time
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +44,14 @@ def simulated_reason(layer: nn.Module) -> str | None:
 class _IntegerWeights:
     """One slice of input channels' int8 weight, prepacked, with per-output-channel scales, its bias and the
     zero-point correction (None when q − z fits in int8; else the ones channel is appended, with bias 0). `codes`
-    are the weight quantizer's integer codes of the slice, `zero`/`scale` its per-output-channel grid."""
+    are the weight quantizer's integer codes of the slice, `zero`/`scale` its per-output-channel grid. Called
+    on activation codes, it returns the layer's float output for the slice."""
 
     def __init__(self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
                  bias: torch.Tensor | None, is_conv: bool, conv_args):
         shape = (-1,) + (1,) * (codes.dim() - 1)
+        self.is_conv, self.conv_args = is_conv, conv_args
+        self.out_features, self.kernel_size = codes.shape[0], tuple(codes.shape[2:])
         self.scale = scale.float().contiguous()  # oneDNN reads the scales as a flat array
         self.correction = None
         self.bias = bias
@@ -57,6 +64,52 @@ class _IntegerWeights:
             self.bias = torch.cat([bias if bias is not None else torch.zeros(codes.shape[0]), torch.zeros(1)])
         self.packed = kernels.prepack_conv2d(w, self.scale, *conv_args) if is_conv else kernels.prepack_linear(w)
         self.max_code = int(w.abs().max())
+        self.key = _register(self)
+
+    def __call__(self, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
+        if self.is_conv:
+            y = kernels.conv2d(qx, x_scale, x_zero, self.packed, self.scale, self.bias, *self.conv_args)
+        else:
+            y = kernels.linear(qx, x_scale, x_zero, self.packed, self.scale, self.bias)
+        if self.correction is None:
+            return y
+        c = self.out_features
+        if self.is_conv:  # one fused pass: y − correction ⊗ Σx̂
+            return torch.addcmul(y[:, :c], y[:, c:], self.correction.view(1, -1, 1, 1), value=-1)
+        return torch.addcmul(y[..., :c], y[..., c:], self.correction, value=-1)
+
+    def output_like(self, qx: torch.Tensor) -> torch.Tensor:
+        """An empty tensor shaped like the output on `qx` (the compiled path's shape propagation)."""
+        if not self.is_conv:
+            return qx.new_empty(qx.shape[:-1] + (self.out_features,), dtype=torch.float32)
+        stride, padding, dilation, _ = self.conv_args
+        size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, k, s, p, d in zip(qx.shape[2:], self.kernel_size, stride, padding, dilation)]
+        return qx.new_empty((qx.shape[0], self.out_features, *size), dtype=torch.float32).contiguous(
+            memory_format=torch.channels_last)
+
+
+# The compiled path calls the kernels through one opaque custom op, `qdistill::int8_kernel`, with the weights
+# named by a key: the prepacked oneDNN weights are not ordinary tensors that torch.compile can trace, and
+# Inductor's own qconv lowerings want constant activation scales, while a TPQ row is gathered at run time.
+_WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _register(weights: _IntegerWeights) -> int:
+    key = next(_KEYS)
+    _WEIGHTS[key] = weights
+    return key
+
+
+@torch.library.custom_op("qdistill::int8_kernel", mutates_args=())
+def int8_kernel(qx: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor, weights: int) -> torch.Tensor:
+    return _WEIGHTS[weights](qx, float(x_scale), int(x_zero))
+
+
+@int8_kernel.register_fake
+def _(qx, x_scale, x_zero, weights):
+    return _WEIGHTS[weights].output_like(qx)
 
 
 def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_args) -> list[tuple[int, int, _IntegerWeights]]:
@@ -111,6 +164,9 @@ class IntegerLayer(nn.Module):
                 rows.append((float(d), int(z) - qmin, (1.0 / (d * s)).view(shape) if self.dilated else 1.0 / d,
                              qmax - qmin))
             self.tables.append(rows)
+        # the same rows as tensors, for the compiled path: (Δ, zero point, 1 / (Δ · dilation), top code) per row
+        self.row_tensors = [tuple(torch.stack([torch.as_tensor(r[i], dtype=torch.float32) for r in rows])
+                                  for i in range(4)) for rows in self.tables]
         # the largest sum of two u8·s8 products: what an int16 accumulation (CPUs without VNNI) must hold
         self.max_pair_sum = max(2 * max(row[3] for row in rows)
                                 * max(iw.max_code for copy in self.weights for _, _, iw in copy[g])
@@ -124,26 +180,14 @@ class IntegerLayer(nn.Module):
     def _parts(self, parts, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
         """The kernels of one input group's weight parts on its activation codes, summed."""
         if len(parts) == 1:
-            return self._kernel(parts[0][2], qx, x_scale, x_zero)
+            return parts[0][2](qx, x_scale, x_zero)
         out = None
         for a, b, iw in parts:
             part = qx.narrow(self.channel_dim, a, b - a)
             part = part.contiguous(memory_format=torch.channels_last) if self.is_conv else part.contiguous()
-            y = self._kernel(iw, part, x_scale, x_zero)
+            y = iw(part, x_scale, x_zero)
             out = y if out is None else out.add_(y)
         return out
-
-    def _kernel(self, iw: _IntegerWeights, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
-        if self.is_conv:
-            y = kernels.conv2d(qx, x_scale, x_zero, iw.packed, iw.scale, iw.bias, *self.conv_args)
-        else:
-            y = kernels.linear(qx, x_scale, x_zero, iw.packed, iw.scale, iw.bias)
-        if iw.correction is None:
-            return y
-        c = self.out_features
-        if self.is_conv:  # one fused pass: y − correction ⊗ Σx̂
-            return torch.addcmul(y[:, :c], y[:, c:], iw.correction.view(1, -1, 1, 1), value=-1)
-        return torch.addcmul(y[..., :c], y[..., c:], iw.correction, value=-1)
 
     def _group(self, g: int, x: torch.Tensor) -> torch.Tensor:
         quantizer: TemporalQuantizer = self.input_quantizers[g]
@@ -168,11 +212,34 @@ class IntegerLayer(nn.Module):
             out[idx] = y
         return out
 
+    def _group_traced(self, g: int, x: torch.Tensor) -> torch.Tensor:
+        """`_group` for torch.compile: the TPQ row gathered as a tensor, so that one graph serves every step, and
+        the kernels called through the custom op. All samples are at one row (compile_integer checks)."""
+        quantizer: TemporalQuantizer = self.input_quantizers[g]
+        row = quantizer.rows_for(quantizer._current_t(x.shape[0]))[:1]  # a 1-element index: no .item() in the graph
+        delta, zero, inv, top = [t[row] for t in self.row_tensors[g]]
+        if self.dilated:  # Weight Dilation's per-channel 1 / (Δ · s), in the input's layout
+            shape = [1] * x.dim()
+            shape[self.channel_dim] = -1
+            inv = inv.view(shape)
+        codes = torch.mul(x, inv).round_().add_(zero).clamp_(torch.zeros_like(top), top)
+        codes = codes.to(torch.uint8, memory_format=torch.channels_last) if self.is_conv else codes.to(torch.uint8)
+        out = None
+        for a, b, iw in self.weights[0][g]:
+            part = codes
+            if len(self.weights[0][g]) > 1:
+                part = codes.narrow(self.channel_dim, a, b - a)
+                part = part.contiguous(memory_format=torch.channels_last) if self.is_conv else part.contiguous()
+            y = int8_kernel(part, delta, zero, iw.key)
+            out = y if out is None else out + y
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        traced = torch.compiler.is_compiling() and self.step_weights is None
         out = None
         for g, (a, b) in enumerate(self.input_groups):
             xg = x if len(self.input_groups) == 1 else x.narrow(self.channel_dim, a, b - a)
-            y = self._group(g, xg)
+            y = self._group_traced(g, xg) if traced else self._group(g, xg)
             out = y if out is None else out + y
         if self.low_rank is not None:
             out = out + self.low_rank(x, self)
@@ -229,3 +296,30 @@ def to_integer(model: nn.Module) -> dict:
         report["saturation_risk"] = why
         warnings.warn(f"qdistill integer mode: {why}; mode=simulated gives the model's own numbers", stacklevel=2)
     return report
+
+
+def compile_integer(model: nn.Module) -> nn.Module:
+    """torch.compile over an integer model's forward, in place. Its hooks stay eager (timestep routing, layout);
+    each layer gathers its TPQ row as a tensor, so one graph serves every sampler step. A batch whose samples are
+    at different timesteps (one kernel call per row) runs the eager forward. `model.qdistill_compile` records the
+    first compiled call's seconds (compilation included); a new batch size compiles again."""
+    quantizer = next((m for m in model.modules() if isinstance(m, TemporalQuantizer)), None)
+    eager = model.forward
+    compiled = torch.compile(eager, dynamic=False)
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        t = quantizer._t if quantizer is not None else None
+        if t is not None and t.numel() > 1 and not bool((t == t[0]).all()):
+            return eager(*args, **kwargs)
+        if "compile_seconds" in model.qdistill_compile:
+            return compiled(*args, **kwargs)
+        start = time.perf_counter()
+        out = compiled(*args, **kwargs)
+        model.qdistill_compile["compile_seconds"] = round(time.perf_counter() - start, 1)  # the first call's
+        return out
+
+    model.qdistill_compile = {}
+
+    model.forward = forward
+    return model

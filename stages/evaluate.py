@@ -58,7 +58,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
                           "`qdistill export noise_correction=true`)")
     device = resolve_device(cfg.device, local_rank)
     q_device = device if cfg.mode == "simulated" else torch.device("cpu")  # integer: oneDNN's int8 CPU kernels
-    qunet = load_exported(cfg.model, cfg.mode, device=q_device)
+    qunet = load_exported(cfg.model, cfg.mode, device=q_device, compile=cfg.compile)
     exported_scheduler = Path(cfg.model) / "scheduler_config.json"
     if exported_scheduler.is_file():
         base = scheduler_from_file(exported_scheduler)
@@ -146,6 +146,8 @@ def evaluate(cfg: EvalConfig) -> dict | None:
                 metrics["integer_saturation_risk"] = report["saturation_risk"]
             metrics["simulated_modules"] = sum(len(v) for v in report["simulated"].values())
             metrics["attention_on_codes"] = len(report["attention"])
+            if cfg.compile:
+                metrics.update(qunet.qdistill_compile)  # compile_seconds: the first compiled call's
         metrics.update(compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs))
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         grid = save_grid([from_uint8(x[:64]) for x in ([fp_images] if fp_images is not None else []) + [q_images]],
