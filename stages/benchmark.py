@@ -330,20 +330,20 @@ def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> st
             r = {"fd": fd_fp[row.scheduler], "delta_fd": 0.0 if fd_fp[row.scheduler] is not None else None,
                  "fd_vs_fp_samples": 0.0, "export_bytes": fp_size, "relative_bops": 1.0} \
                 if any(x["row"]["scheduler"] == row.scheduler for x in results.values()) else None
-        if r is None:
-            lines.append(f"| {row.recipe} | {row.bits} | {row.scheduler} | not run yet | | | | | | | |")
-            continue
-        delta = None
-        if r.get("delta_fd") is not None and r.get("fd_fp"):
-            delta = f"{r['delta_fd']:+.2f} ({100 * r['delta_fd'] / r['fd_fp']:+.1f} %)"
-        elif r.get("delta_fd") is not None:
-            delta = f"{r['delta_fd']:+.2f}"
         recipe = row.recipe + (" + mixed precision W4A4/W8A8" if row.mixed_weights else
                                " + mixed precision A4/A8" if row.mixed_precision else "")
         recipe += " + keep sensitive" if row.keep_sensitive else ""
         recipe += f" + low rank {row.low_rank}" if row.low_rank else ""
         recipe += f" + weight groups of {row.group_size}" if row.group_size else ""
         recipe += f" + end to end ({row.e2e} inputs)" if row.e2e else ""
+        if r is None:
+            lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | not run yet | | | | | | | |")
+            continue
+        delta = None
+        if r.get("delta_fd") is not None and r.get("fd_fp"):
+            delta = f"{r['delta_fd']:+.2f} ({100 * r['delta_fd'] / r['fd_fp']:+.1f} %)"
+        elif r.get("delta_fd") is not None:
+            delta = f"{r['delta_fd']:+.2f}"
         lines.append(f"| {recipe} | {row.bits} | {row.scheduler} | {fmt(r.get('fd'), '.2f')} | {delta or '—'} | "
                      f"{fmt(r.get('fd_vs_fp_samples'), '.2f')} | {fmt(r.get('psnr_db'), '.2f')} | "
                      f"{fmt(r.get('calibration_seconds'), '.0f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | "
