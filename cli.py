@@ -102,6 +102,7 @@ def stage_parser(name: str) -> argparse.ArgumentParser:
     if name == "export":
         p.add_argument("--run", default=None, help="shorthand for run=RUN")
         p.add_argument("--out", default=None, help="shorthand for out=OUT")
+        p.add_argument("--format", default=None, choices=["qdistill", "onnx"], help="shorthand for format=FORMAT")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (see the keys above)")
     return p
 
@@ -149,7 +150,7 @@ def main(argv: typing.Sequence[str] | None = None) -> int:
     cls = SUBCOMMANDS[command][0]
     overrides = list(args.overrides)
     if command == "export":
-        overrides += [f"{k}={v}" for k, v in (("run", args.run), ("out", args.out)) if v is not None]
+        overrides += [f"{k}={v}" for k, v in (("run", args.run), ("out", args.out), ("format", args.format)) if v is not None]
     try:
         STAGES[command](load_config(cls, args.config, overrides))
     except QdistillError as e:

@@ -1,6 +1,7 @@
 """The GPU check (scripts/gpu_check.sh runs it): every stage on one GPU, then distillation at SD-1.5 width.
 
-1. calibrate → train (1 rank, NCCL, bf16) → export → eval on the bench teacher, each stage in this process;
+1. calibrate → train (1 rank, NCCL, bf16) → export → eval on the bench teacher, each stage in this process, then
+   the export in integer mode on the device (CUDA: torch._int_mm for linear layers) against simulated mode;
 2. a random-weight SD-1.5-shaped UNet2DConditionModel (860M parameters, 64×64 latents, 77×768 text states)
    saved as a model folder, with random trajectories written as real calibration shards, trained for a few
    iterations on its first blocks (`--sd-blocks`).
@@ -131,6 +132,38 @@ def main(argv=None) -> int:
         return {"fd": round(m["fd"], 2), "psnr_db": round(m["psnr_db"], 2),
                 "samples_per_s": round(n / m["sampling_seconds"], 1)}
 
+    def do_integer():  # integer mode on this device: torch._int_mm linears on CUDA (convs simulated), oneDNN on CPU
+        from qdistill.export import load_exported
+        from qdistill.quantizers.routing import set_timesteps
+
+        folder = out / "train" / "export"
+        sim = load_exported(folder, "simulated", device=device)
+        integer = load_exported(folder, "integer", device=device)
+        report = integer.qdistill_export["integer_report"]
+        x = torch.randn(64, *[sim.config.in_channels] + [sim.config.sample_size] * 2, device=device)
+        t = torch.full((64,), 500.0, device=device)
+        with torch.no_grad():
+            ref, y = sim(x, t).sample, integer(x, t).sample
+            timings = {}
+            for name, m in (("simulated", sim), ("integer", integer)):
+                for _ in range(3):
+                    m(x, t)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    m(x, t)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings[name] = round((time.perf_counter() - t0) / 20 * 1000, 2)
+        set_timesteps(integer, None)
+        err = ((y - ref).norm() / ref.norm()).item()
+        if err > 2e-2:
+            raise AssertionError(f"integer vs simulated relative error {err:.4f} > 0.02")
+        return {"linear_kernel": report["linear_kernel"], "integer_layers": len(report["integer"]),
+                "simulated_layers": sum(len(v) for v in report["simulated"].values()), "rel_err": round(err, 5),
+                "batch64_ms": timings}
+
     def do_sd15():  # its own process: DeepSpeed keeps its process groups for the life of a process
         model_dir, traj = sd_shaped_run(out, args.quick, rows=8 if args.quick else 32)
         run = out / "sd15-shaped" / "train"
@@ -146,7 +179,7 @@ def main(argv=None) -> int:
                 "train_peak_gpu_mb": m["peak_gpu_mb_per_rank"], "peak_rss_mb": m["peak_rss_mb_per_rank"]}
 
     for name, fn in (("calibrate", do_calibrate), ("train", do_train), ("export", do_export), ("eval", do_eval),
-                     ("sd15-shaped train", do_sd15)):
+                     ("integer mode", do_integer), ("sd15-shaped train", do_sd15)):
         run_stage(name, fn, device, results)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=2))
     failed = [r["stage"] for r in results if r["status"] != "PASS"]

@@ -1,5 +1,6 @@
 """UNet forward latency and sampling wall time: FP32 (NCHW and channels_last) vs `simulated` vs `integer`
-exports, and bytes on disk of FP32, W8 and W4 exports.
+exports (and with --compile, torch.compile; with --onnx, ONNX Runtime on FP32 and QDQ graphs), and bytes on disk
+of FP32, W8 and W4 exports.
 
     python -m qdistill.bench.latency --threads 2 --out runs/bench_latency.json          # the bench teacher
     python -m qdistill.bench.unet_shapes ddpm-cifar10 runs/ddpm-cifar10-shape            # 35.7M, random weights
@@ -27,7 +28,8 @@ import torch
 from qdistill.data.model_folder import load_scheduler, load_unet, resolve
 from qdistill.data.trajectories import record_trajectories, sample_shape, uniform_steps
 from qdistill.evaluation.sampling import sample_batch
-from qdistill.export import EXPORT_FILE, export_model, load_exported
+from qdistill.export import EXPORT_FILE, OnnxDenoiser, export_model, export_onnx, load_exported
+from qdistill.export.onnx_qdq import export_fp_onnx
 from qdistill.quantizers import QuantConfig, calibrate_, quantize_
 from qdistill.quantizers.integer_layers import IntegerLayer, channels_last_inputs
 from qdistill.files import atomic_write_text
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-simulated", action="store_true", help="skip the simulated exports (slow, not a deployment)")
     p.add_argument("--compile", action="store_true",
                    help="also FP32 and the integer exports through torch.compile (compile time reported)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also ONNX Runtime: FP32 (the diffusers model's graph) and the exports' QDQ graphs (one group)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of each model's forward at the largest batch")
     args = p.parse_args(argv)
@@ -83,6 +87,12 @@ def main(argv=None) -> int:
             models[f"{bits} integer compiled"] = load_exported(tmp / bits, "integer", compile=True)
     if args.compile:
         models["FP32 compiled"] = torch.compile(copy.deepcopy(fp))
+    if args.onnx:  # ONNX Runtime's CPU provider, same threads
+        export_fp_onnx(copy.deepcopy(fp), tmp / "fp-onnx")
+        models["FP32 ORT"] = OnnxDenoiser(tmp / "fp-onnx", threads=args.threads)
+        for bits in args.bits:
+            export_onnx(tmp / bits, 1)
+            models[f"{bits} ORT QDQ"] = OnnxDenoiser(tmp / bits / "onnx", threads=args.threads)
     print(f"[latency] {args.threads} threads; models: {', '.join(models)}")
 
     forward, compile_seconds = {}, {}
@@ -132,6 +142,8 @@ def main(argv=None) -> int:
     if args.profile:  # where each model's forward spends its time (self CPU time per operator)
         from torch.profiler import ProfilerActivity, profile
         for name, m in models.items():
+            if isinstance(m, OnnxDenoiser):
+                continue  # ORT's own kernels: torch.profiler does not see them
             with torch.no_grad():
                 m(x, t)
                 with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -263,6 +263,16 @@ class ExportConfig:
     noise_correction: bool = False  # measure and store PTQD's per-step statistics (`qdistill eval` samples with them)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    format: Literal["qdistill", "onnx"] = "qdistill"  # onnx: also OUT/onnx/, QDQ graphs for ONNX Runtime/TensorRT
+    onnx_groups: int = 1  # format=onnx: static activation sets, one graph each (timestep groups from the TPQ tables)
+
+    def __post_init__(self):
+        if isinstance(self.onnx_groups, bool) or not isinstance(self.onnx_groups, int) or self.onnx_groups < 1:
+            raise ValueError(f"onnx_groups must be an integer >= 1 (graphs, one per timestep group), got "
+                             f"{self.onnx_groups!r}")
+        if self.format == "onnx" and self.mixed_precision.enabled:
+            raise ValueError("format=onnx does not take mixed_precision.enabled=true: its per-step bit-widths and "
+                             "second weight copies have no static ONNX form")
 
 
 @dataclass
@@ -275,7 +285,7 @@ class EvalConfig:
     out: str = ""  # folder for metrics.json, samples.png and tb/; default MODEL/eval
     mode: Literal["integer", "simulated"] = "integer"  # int8 kernels, or float kernels bit-exact with training
     compile: bool = False  # integer mode through torch.compile (one graph for every step; the first call compiles)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer mode: int8 CPU kernels)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer on CUDA: _int_mm linears)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: FP and simulated forwards under autocast
     scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
     steps: int = 50

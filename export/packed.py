@@ -234,7 +234,8 @@ def load_noise_correction(path: str | Path) -> NoiseCorrection | None:
 @torch.no_grad()
 def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=None, compile: bool = False):
     """The exported model as its diffusers class, quantized, in `mode` ('simulated' or 'integer'), on `device` in
-    `dtype` (simulated mode; integer mode runs oneDNN's int8 kernels on the CPU). `compile=True` (integer mode)
+    `dtype` (simulated mode; integer mode runs oneDNN's int8 kernels on the CPU, and on CUDA torch._int_mm for
+    linear layers, convolutions simulated). `compile=True` (integer mode)
     runs the forward through torch.compile, one graph for every timestep; the first call compiles (minutes).
 
     The weights are rebuilt from their integer codes; the file is checked against its recorded sha256.
@@ -244,8 +245,9 @@ def load_exported(path: str | Path, mode: str = "simulated", device=None, dtype=
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
     if compile and mode != "integer":
         raise ExportError(f"compile=True is the integer mode's compiled path; got mode={mode!r}")
-    if mode == "integer" and (torch.device(device).type if device is not None else "cpu") != "cpu":
-        raise ExportError(f"mode=integer runs int8 CPU kernels (oneDNN); on {device} use mode=simulated")
+    if mode == "integer" and (torch.device(device).type if device is not None else "cpu") not in ("cpu", "cuda"):
+        raise ExportError(f"mode=integer runs int8 kernels on the CPU (oneDNN) and CUDA (torch._int_mm); on {device} "
+                          "use mode=simulated")
     path = Path(path)
     meta = read_export_meta(path)
     file = path / EXPORT_FILE

@@ -1,10 +1,13 @@
 """The integer kernels of the `integer` inference mode, and the only module that names a backend
 (DESIGN.md §5: torch.ao.quantization is moving to torchao, so the choice stays swappable here).
 
-oneDNN through PyTorch's x86 ops: uint8 activations (per-tensor scale and zero point) times int8 weights
+CPU: oneDNN through PyTorch's x86 ops: uint8 activations (per-tensor scale and zero point) times int8 weights
 (per-output-channel scales, zero point 0), int32 accumulation, float32 output with the bias added. Codes of
 4-bit quantizers are exact in these 8-bit types. The float output (no output requantization) is what keeps
 `integer` within float rounding of `simulated`.
+
+CUDA: `torch._int_mm` (int8 × int8 → int32, cuBLASLt) for linear layers; PyTorch offers no CUDA int8
+convolution, so convolutions run simulated there. `_int_mm` also runs on the CPU, where the tests check it.
 """
 from __future__ import annotations
 
@@ -12,12 +15,30 @@ import functools
 import platform
 
 import torch
+import torch.nn.functional as F
 
 BACKEND = "oneDNN (torch.ops.onednn, x86)"
 
 
+INT_MM = "torch._int_mm (int8 × int8 → int32)"
+
+
+def int_mm_unavailable_reason() -> str | None:
+    return None if hasattr(torch, "_int_mm") else f"this PyTorch has no {INT_MM}"
+
+
+def int_mm_linear(a: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """int32 a · w_t for int8 a [M, K] and w_t [K_pad, N_pad] (K_pad, N_pad multiples of 8, zero-padded): CUDA's
+    cuBLASLt kernel wants M > 16 and K, N multiples of 8, so `a` is zero-padded to fit and the result cut back."""
+    m, k = a.shape
+    rows, cols = max(m, 17) - m, w_t.shape[0] - k
+    if rows or cols:
+        a = F.pad(a, (0, cols, 0, rows))
+    return torch._int_mm(a, w_t)[:m]
+
+
 def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else why not."""
+    """None when the CPU kernels can run here, else why not."""
     if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         return f"this PyTorch build has no {BACKEND} int8 ops"
     if not torch.backends.mkldnn.is_available():

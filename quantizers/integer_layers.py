@@ -29,10 +29,22 @@ from .temporal import TemporalQuantizer
 from .uniform import qrange
 
 
-def simulated_reason(layer: nn.Module) -> str | None:
+def linear_kernel_for(device: torch.device) -> str:
+    """The linear layers' kernel on `device`: oneDNN on the CPU, torch._int_mm on CUDA."""
+    return "int_mm" if device.type == "cuda" else "onednn"
+
+
+def simulated_reason(layer: nn.Module, linear_kernel: str = "onednn") -> str | None:
     """Why `layer` (a QuantConv2d/QuantLinear) cannot run integer kernels here, or None."""
-    if (why := kernels.unavailable_reason()) is not None:
-        return why
+    device = layer.weight.device
+    if device.type not in ("cpu", "cuda"):
+        return f"integer kernels run on the CPU and CUDA, not on {device.type}"
+    if device.type == "cuda" and isinstance(layer, QuantConv2d):
+        return "PyTorch has no CUDA int8 convolution: convolutions run simulated on CUDA"
+    kernel_missing = (kernels.int_mm_unavailable_reason() if linear_kernel == "int_mm" and not isinstance(
+        layer, QuantConv2d) else kernels.unavailable_reason())
+    if kernel_missing is not None:
+        return kernel_missing
     if len(layer.weight_quantizers) == 0 or len(layer.input_quantizers) == 0:
         return "layers with a floating-point side (weights or activations) have no integer kernel"
     if isinstance(layer, QuantConv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"
@@ -89,6 +101,49 @@ class _IntegerWeights:
             memory_format=torch.channels_last)
 
 
+class _IntMMWeights:
+    """A linear slice's weight for torch._int_mm: the same interface as _IntegerWeights. Activation codes q_x
+    (uint8, zero point z_x) become int8 a = q_x − 128; weight codes become int8 w = q_w − c (c = z_w where q_w − z_w
+    fits in int8, else 128), so x̂·ŵ summed over k is Δ_x Δ_w (Σ a·w − e Σ a − z̃ Σ w + K z̃ e) with z̃ = z_x − 128 and
+    e = z_w − c: exact in int32, then one float scaling, as the oneDNN path."""
+
+    def __init__(self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                 bias: torch.Tensor | None, is_conv: bool, conv_args):
+        if is_conv:
+            raise ValueError("torch._int_mm runs linear layers only")
+        self.out_features, self.in_features = codes.shape
+        zero = zero.to(torch.int32)
+        w = codes - zero.view(-1, 1)
+        shift = zero
+        if int(w.min()) < -128 or int(w.max()) > 127:
+            shift = torch.full_like(zero, (qmin + qmax + 1) // 2)
+            w = codes - shift.view(-1, 1)
+        pad_k, pad_n = -self.in_features % 8, -self.out_features % 8
+        self.w_t = F.pad(w.t().to(torch.int8), (0, pad_n, 0, pad_k)).contiguous()  # [K_pad, N_pad]
+        self.w_sum = w.sum(1).to(torch.int32)  # Σ_k w per output channel
+        self.e = (zero - shift).to(torch.int32)  # 0 where q − z fits
+        self.scale = scale.float()
+        self.bias = bias
+        self.max_code = int(w.abs().max())
+        self.key = _register(self)
+
+    def __call__(self, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
+        lead = qx.shape[:-1]
+        a = (qx.reshape(-1, self.in_features).to(torch.int16) - 128).to(torch.int8)
+        z = int(x_zero) - 128
+        acc = kernels.int_mm_linear(a, self.w_t)[:, :self.out_features]
+        acc -= z * self.w_sum
+        if bool(self.e.any()):
+            acc -= a.sum(1, dtype=torch.int32)[:, None] * self.e - self.in_features * z * self.e
+        y = acc.float().mul_(self.scale * x_scale)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features)
+
+    def output_like(self, qx: torch.Tensor) -> torch.Tensor:
+        return qx.new_empty(qx.shape[:-1] + (self.out_features,), dtype=torch.float32)
+
+
 # The compiled path calls the kernels through one opaque custom op, `qdistill::int8_kernel`, with the weights
 # named by a key: the prepacked oneDNN weights are not ordinary tensors that torch.compile can trace, and
 # Inductor's own qconv lowerings want constant activation scales, while a TPQ row is gathered at run time.
@@ -112,7 +167,8 @@ def _(qx, x_scale, x_zero, weights):
     return _WEIGHTS[weights].output_like(qx)
 
 
-def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_args) -> list[tuple[int, int, _IntegerWeights]]:
+def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_args,
+                  kind=_IntegerWeights) -> list[tuple[int, int, _IntegerWeights]]:
     """One input group's weight as (first channel, end channel, int8 weights) per weight group: one part per
     output-channel quantizer, one per input-channel group of a group-wise one (each its own kernel call, summed
     in float, since the groups' scales differ along the summed dimension)."""
@@ -123,17 +179,19 @@ def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_arg
     parts = []
     for j in range(groups):
         a, b = j * size, min(weight.shape[1], (j + 1) * size)
-        parts.append((a, b, _IntegerWeights(codes[:, a:b], zero[:, j], scale[:, j], quantizer.qmin, quantizer.qmax,
-                                            bias if j == 0 else None, is_conv, conv_args)))
+        parts.append((a, b, kind(codes[:, a:b], zero[:, j], scale[:, j], quantizer.qmin, quantizer.qmax,
+                                 bias if j == 0 else None, is_conv, conv_args)))
     return parts
 
 
 class IntegerLayer(nn.Module):
     """A QuantConv2d or QuantLinear on integer kernels; same inputs, same outputs (float)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, linear_kernel: str = "onednn"):
         super().__init__()
         self.is_conv = isinstance(layer, QuantConv2d)
+        # linear layers: oneDNN (CPU) or torch._int_mm (CUDA; CPU too, for tests)
+        self.kind = _IntMMWeights if linear_kernel == "int_mm" and not self.is_conv else _IntegerWeights
         self.channel_dim = layer.channel_dim
         self.input_groups = list(layer.input_groups)
         self.input_quantizers: nn.ModuleList = layer.input_quantizers  # the TPQ tables; timesteps routed here
@@ -174,7 +232,7 @@ class IntegerLayer(nn.Module):
 
     def _pack(self, weight: torch.Tensor, quantizers, bias) -> list[list[tuple[int, int, _IntegerWeights]]]:
         w = weight.detach()
-        return [_weight_parts(w[:, a:b], q, bias if g == 0 else None, self.is_conv, self.conv_args)
+        return [_weight_parts(w[:, a:b], q, bias if g == 0 else None, self.is_conv, self.conv_args, self.kind)
                 for g, (q, (a, b)) in enumerate(zip(quantizers, self.input_groups))]
 
     def _parts(self, parts, qx: torch.Tensor, x_scale: float, x_zero: int) -> torch.Tensor:
@@ -264,21 +322,26 @@ def channels_last_inputs(model, args, kwargs):
     return tuple(nhwc(a) for a in args), {k: nhwc(v) for k, v in kwargs.items()}
 
 
-def to_integer(model: nn.Module) -> dict:
+def to_integer(model: nn.Module, linear_kernel: str | None = None) -> dict:
     """Swap every quantized layer that has an integer kernel here for an IntegerLayer, in place, and run the
-    model in channels_last (its float convolutions' weights and its 4-D inputs).
+    model in channels_last (its float convolutions' weights and its 4-D inputs). `linear_kernel`: "onednn" or
+    "int_mm" for the linear layers; default the device's (oneDNN on the CPU, torch._int_mm on CUDA).
 
     Returns {"integer": [layer names], "simulated": {reason: [names]}, "attention": [names]}; each reason is
     warned once. Attention modules run their matmuls in float on the quantized values (PyTorch has no batched
     int8 matmul on CPU), the probabilities as codes (integer_attention.py).
     """
-    report = {"integer": [], "simulated": {}, "attention": []}
+    param = next(model.parameters(), None)
+    linear_kernel = linear_kernel or linear_kernel_for(param.device if param is not None else torch.device("cpu"))
+    if linear_kernel not in ("onednn", "int_mm"):
+        raise ValueError(f"linear_kernel must be 'onednn' or 'int_mm', got {linear_kernel!r}")
+    report = {"integer": [], "simulated": {}, "attention": [], "linear_kernel": linear_kernel}
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANT_LAYERS):
-            why = simulated_reason(module)
+            why = simulated_reason(module, linear_kernel)
             if why is None:
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, IntegerLayer(module))
+                setattr(model.get_submodule(parent) if parent else model, child, IntegerLayer(module, linear_kernel))
                 report["integer"].append(name)
             else:
                 report["simulated"].setdefault(why, []).append(name)
@@ -290,7 +353,8 @@ def to_integer(model: nn.Module) -> dict:
     for why, names in report["simulated"].items():
         warnings.warn(f"qdistill integer mode: {why}; {len(names)} module(s) run simulated "
                       f"(e.g. {names[0]})", stacklevel=2)
-    at_risk = [n for n in report["integer"] if model.get_submodule(n).max_pair_sum > 32767]
+    at_risk = [n for n in report["integer"] if model.get_submodule(n).kind is _IntegerWeights
+               and model.get_submodule(n).max_pair_sum > 32767]  # oneDNN's int16 pair sums; _int_mm sums in int32
     if at_risk and (why := kernels.saturation_reason()) is not None:
         why = f"{why} ({len(at_risk)} layer(s) with 8-bit codes can, e.g. {at_risk[0]})"
         report["saturation_risk"] = why

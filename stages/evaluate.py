@@ -57,7 +57,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         raise ExportError(f"ptqd=true: {cfg.model} holds no noise-correction statistics (export it with "
                           "`qdistill export noise_correction=true`)")
     device = resolve_device(cfg.device, local_rank)
-    q_device = device if cfg.mode == "simulated" else torch.device("cpu")  # integer: oneDNN's int8 CPU kernels
+    q_device = device  # integer mode: oneDNN int8 kernels on the CPU; on CUDA torch._int_mm linears, convs simulated
     qunet = load_exported(cfg.model, cfg.mode, device=q_device, compile=cfg.compile)
     exported_scheduler = Path(cfg.model) / "scheduler_config.json"
     if exported_scheduler.is_file():
@@ -146,6 +146,7 @@ def evaluate(cfg: EvalConfig) -> dict | None:
                 metrics["integer_saturation_risk"] = report["saturation_risk"]
             metrics["simulated_modules"] = sum(len(v) for v in report["simulated"].values())
             metrics["attention_on_codes"] = len(report["attention"])
+            metrics["linear_kernel"] = report["linear_kernel"]
             if cfg.compile:
                 metrics.update(qunet.qdistill_compile)  # compile_seconds: the first compiled call's
         metrics.update(compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs))

@@ -4,6 +4,7 @@ weights, and its size.
     qdistill export run=runs/dilatequant-w4a4 [out=runs/dilatequant-w4a4/export]
     qdistill export --config ptqd [key=value ...]                        # PTQD on a qdiffusion run
     qdistill export --config dilatequant+ptqd mixed_precision.enabled=true
+    qdistill export run=RUN --format onnx onnx_groups=4                  # also OUT/onnx/: QDQ graphs
 
 The config is `ExportConfig` (configs/schema.py; `--run` and `--out` are shorthands for `run=` and `out=`). RUN/quantized (the run's quantized model) is read; OUT is
 written atomically (see export/folder.py for its layout). Load it back with
@@ -12,6 +13,9 @@ written atomically (see export/folder.py for its layout). Load it back with
 noise_correction=true (PTQD, DESIGN.md §3.7): records FP trajectories of the run's source model (`measure.*`,
 every step kept), runs the quantized model (simulated) on their inputs, and stores the per-step statistics
 (slope k, per-channel bias b, residual std σ_q) in the export; `qdistill eval` samples with them.
+
+format=onnx also writes OUT/onnx/: one ONNX graph with QuantizeLinear/DequantizeLinear nodes per group of
+timesteps (`onnx_groups`, chosen from the TPQ tables), for ONNX Runtime, TensorRT or OpenVINO (export/onnx_qdq.py).
 
 mixed_precision.enabled=true (PTQD's step-aware mixed precision): on the same FP trajectories, a high-precision
 copy of the model is made (its low-bit activation quantizers at `mixed_precision.act_bits`, calibrated per
@@ -36,6 +40,7 @@ from ..data.trajectories import Conditioning, class_labels, record_trajectories,
 from ..devices import autocast, resolve_device
 from ..errors import ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
+from ..export.onnx_qdq import ONNX_DIR, export_onnx
 from ..export.quantized import quantized_folder, read_quantized_meta
 from ..quantizers import NoiseCorrection, bits_tag, measure_noise_correction
 from ..quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits, with_weight_bits
@@ -51,6 +56,10 @@ def export(cfg: ExportConfig) -> dict:
     out = Path(cfg.out) if cfg.out else run / "export"
     qdir = quantized_folder(run)
     meta = read_quantized_meta(qdir)
+    qc = meta["quant_config"]
+    if cfg.format == "onnx" and qc.get("weight_group_size") and qc.get("weight_bits", 8) <= 4:
+        raise ExportError(f"format=onnx: {qdir} has group-wise weights (quant.weight_group_size="
+                          f"{qc['weight_group_size']}), which need blocked DequantizeLinear (opset 21); not supported")
     device = resolve_device(cfg.device)
     model = load_quantized(qdir, device=device)
     logger.info(f"{qdir} on {device}")
@@ -86,7 +95,6 @@ def export(cfg: ExportConfig) -> dict:
     size = export_model(model, out, recipe=recipe,
                         source_model=meta.get("source_model"), source_model_hash=meta.get("source_model_hash"),
                         scheduler_config=scheduler_config, noise_correction=correction, extra=extra)
-    qc = meta["quant_config"]
     logger.info(f"{recipe} {bits_tag(qc['weight_bits'], qc['act_bits'])} → {out}")
     logger.info(f"quantized layers: {size['quantized_layers_packed_bytes'] / 1024:.1f} KiB packed vs "
                 f"{size['quantized_layers_fp32_bytes'] / 1024:.1f} KiB FP32 ({size['quantized_layers_ratio']:.3f}×); "
@@ -94,7 +102,15 @@ def export(cfg: ExportConfig) -> dict:
     if "step_weights_packed_bytes" in size:
         logger.info(f"second weight copies (step-aware mixed precision): "
                     f"{size['step_weights_packed_bytes'] / 1024:.1f} KiB packed")
-    return {**size, "path": str(out), "recipe": recipe}
+    report = {**size, "path": str(out), "recipe": recipe}
+    if cfg.format == "onnx":  # QDQ graphs of the export just written (export/onnx_qdq.py)
+        manifest = export_onnx(out, cfg.onnx_groups)
+        onnx_bytes = sum(f["bytes"] for f in manifest["files"].values())
+        logger.info(f"ONNX (QDQ, opset {manifest['opset']}): {len(manifest['groups'])} graph(s), "
+                    f"{onnx_bytes / 1024:.1f} KiB → {out / ONNX_DIR}; run with qdistill.export.OnnxDenoiser")
+        report["onnx"] = {"path": str(out / ONNX_DIR), "groups": [g["timesteps"] for g in manifest["groups"]],
+                          "bytes": onnx_bytes}
+    return report
 
 
 def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list, object]:
