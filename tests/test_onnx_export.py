@@ -139,11 +139,14 @@ def test_onnx_runtime_matches_simulated_per_group(onnx_export):
                 kw = example_inputs(fp, batch=3, seed=3, timesteps=[t] * 3)
                 y = denoiser(**kw).sample
                 assert rel_err(y, qdq_model(sim, group)(**kw).sample) < 3e-2, t
-        kw = example_inputs(fp, batch=3, seed=4, timesteps=[groups[0][0], groups[1][0], groups[0][-1]])  # both graphs in a batch
+        # both graphs in one batch: each sample within the tolerance of its own group's rows, not the other's
+        ts = [groups[0][0], groups[1][0], groups[0][-1]]
+        kw = example_inputs(fp, batch=3, seed=4, timesteps=ts)
         y = denoiser(**kw).sample
-        for i in range(3):
+        for i, g in enumerate((0, 1, 0)):
             one = {k: v[i:i + 1] for k, v in kw.items()}
-            assert torch.allclose(y[i:i + 1], denoiser(**one).sample, atol=1e-6)
+            own, other = (qdq_model(sim, groups[j])(**one).sample for j in (g, 1 - g))
+            assert rel_err(y[i:i + 1], own) < 3e-2 < rel_err(y[i:i + 1], other), (i, ts[i])
 
 
 class GroupedStatic(torch.nn.Module):
