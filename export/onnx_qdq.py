@@ -116,13 +116,13 @@ def activation_quantizers(model: nn.Module) -> list[tuple[str, TemporalQuantizer
     return [(n, m) for n, m in model.named_modules() if isinstance(m, TemporalQuantizer)]
 
 
-def _row_ranges(q: TemporalQuantizer, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, lo, hi) of `q` at each of `timesteps`: its table rows and their range ends, float64."""
+def _row_ranges(q: TemporalQuantizer, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of `q` at each of `timesteps`: the range ends of its table rows there, float64."""
     rows = nearest_rows(timesteps, q.timesteps)
     delta = q.delta.detach().abs().clamp_min(1e-10).double()[rows]
     zero = q.zero.detach().round().double()[rows]
     qmin, qmax = qrange(q.bits, q.symmetric)
-    return rows, delta * (qmin - zero), delta * (qmax - zero)
+    return delta * (qmin - zero), delta * (qmax - zero)
 
 
 def calibrated_timesteps(model: nn.Module) -> torch.Tensor:
@@ -135,7 +135,7 @@ def range_features(model: nn.Module, timesteps: torch.Tensor) -> torch.Tensor:
     """[T, 2Q]: each activation quantizer's calibrated range ends at each timestep, in its own mean step."""
     features = []
     for _, q in activation_quantizers(model):
-        _, lo, hi = _row_ranges(q, timesteps)
+        lo, hi = _row_ranges(q, timesteps)
         step = q.delta.detach().abs().clamp_min(1e-10).double().mean().cpu()
         features += [lo.cpu() / step, hi.cpu() / step]  # in steps: every quantizer weighs alike
     return torch.stack(features, dim=1)
@@ -183,7 +183,7 @@ def static_row(q: TemporalQuantizer, group: list[float]) -> tuple[float, int, in
         r = int(rows[0])
         delta, zero = float(q.delta.detach().abs().clamp_min(1e-10)[r]), int(q.zero.detach().round()[r])
     else:
-        _, lo, hi = _row_ranges(q, torch.tensor(group, dtype=torch.float64))
+        lo, hi = _row_ranges(q, torch.tensor(group, dtype=torch.float64))
         d, z = params_from_range(lo.mean().float(), hi.mean().float(), q.bits, q.symmetric)
         delta, zero = float(d), int(z.round())
     qmin, qmax = qrange(q.bits, q.symmetric)
@@ -225,8 +225,7 @@ class QDQLayer(nn.Module):
         self.input_groups = list(layer.input_groups)
         self.bias = layer.bias
         self.low_rank = layer.low_rank
-        self.act = [StaticQDQ(*row) if row is not None else None for row in act_rows]
-        self.act = nn.ModuleList([a if a is not None else nn.Identity() for a in self.act])
+        self.act = nn.ModuleList([StaticQDQ(*row) if row is not None else nn.Identity() for row in act_rows])
         self.act_quantized = [row is not None for row in act_rows]
         w = layer.weight.detach()
         for g, (a, b) in enumerate(self.input_groups):
@@ -338,14 +337,15 @@ def export_graph(model: nn.Module, path: Path) -> list[str]:
     inputs = model_inputs(model)
     names = list(inputs)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {"sample": {0: batch}, "timestep": {0: batch}, "cond": {0: batch} if len(names) > 2 else None}
+    dynamic = {"sample": {0: batch}, "timestep": {0: batch}}
+    if len(names) > 2:
+        dynamic["cond"] = {0: batch}
     args = tuple(inputs.values())
     wrapper = _Denoiser(model, names[2:]).eval()
     with torch.no_grad():
         program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET, input_names=names,
                                     output_names=["noise_pred"], external_data=False, verbose=False,
-                                    dynamic_shapes=dynamic if len(names) > 2 else {k: v for k, v in dynamic.items()
-                                                                                   if k != "cond"},
+                                    dynamic_shapes=dynamic,
                                     custom_translation_table=translation_table())
     graph = program.model_proto
     for node in graph.graph.node:  # the exporter's per-node stack traces: most of a small model's file, no use here

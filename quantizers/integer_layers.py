@@ -122,6 +122,7 @@ class _IntMMWeights:
         self.w_t = F.pad(w.t().to(torch.int8), (0, pad_n, 0, pad_k)).contiguous()  # [K_pad, N_pad]
         self.w_sum = w.sum(1).to(torch.int32)  # Σ_k w per output channel
         self.e = (zero - shift).to(torch.int32)  # 0 where q − z fits
+        self.has_e = bool(self.e.any())  # decided once: no host sync per call
         self.scale = scale.float()
         self.bias = bias
         self.max_code = int(w.abs().max())
@@ -133,7 +134,7 @@ class _IntMMWeights:
         z = int(x_zero) - 128
         acc = kernels.int_mm_linear(a, self.w_t)[:, :self.out_features]
         acc -= z * self.w_sum
-        if bool(self.e.any()):
+        if self.has_e:
             acc -= a.sum(1, dtype=torch.int32)[:, None] * self.e - self.in_features * z * self.e
         y = acc.float().mul_(self.scale * x_scale)
         if self.bias is not None:
