@@ -7,7 +7,7 @@ with it, as `qdistill eval` samples them.
 import argparse
 import sys
 
-from qdistill.data.model_folder import load_scheduler, load_unet
+from qdistill.data.model_folder import load_denoiser, load_scheduler
 from qdistill.evaluation.fidelity import save_grid
 from qdistill.evaluation.sampling import sample_across_ranks, from_uint8
 from qdistill.export import load_exported, load_noise_correction, read_export_meta
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     seeds = range(args.seed, args.seed + args.num_samples)
     scheduler = load_scheduler(args.fp, "ddim")
-    columns = [sample_across_ranks(load_unet(args.fp).eval(), scheduler, seeds, args.steps, 16, desc="FP")]
+    columns = [sample_across_ranks(load_denoiser(args.fp).eval(), scheduler, seeds, args.steps, 16, desc="FP")]
     names = ["FP"]
     for path in args.exports:
         meta = read_export_meta(path)

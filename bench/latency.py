@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from qdistill.data.model_folder import load_scheduler, load_unet, resolve
-from qdistill.data.trajectories import record_trajectories, sample_shape, uniform_steps
+from qdistill.data.model_folder import load_denoiser, load_scheduler, resolve
+from qdistill.data.trajectories import latent_shape, record_trajectories, uniform_steps
 from qdistill.evaluation.sampling import sample_batch
 from qdistill.export import EXPORT_FILE, OnnxDenoiser, export_model, export_onnx, load_exported
 from qdistill.export.onnx_qdq import export_fp_onnx
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")  # the integer mode's note on attention is expected here
-    fp = load_unet(args.model).eval()
+    fp = load_denoiser(args.model).eval()
     scheduler = load_scheduler(args.model, "ddim")
     _, records = record_trajectories(fp, scheduler, range(8), 50, 8, keep_steps=uniform_steps(50, 5))
     calib = [{"sample": r.sample, "timestep": r.timestep} for r in records]
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     forward, compile_seconds = {}, {}
     for batch in args.batches:
-        x = torch.randn(batch, *sample_shape(fp), generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch, *latent_shape(fp), generator=torch.Generator().manual_seed(0))
         t = torch.full((batch,), 500.0)
         rounds = {name: [] for name in models}
         for name, m in models.items():  # the first call of a compiled model compiles (per batch size)
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     # (activation quantization and zero-point correction included).
     layers = {}
     batch = max(args.batches)
-    x = torch.randn(batch, *sample_shape(fp), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, *latent_shape(fp), generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), 500.0)
     for bits in args.bits:
         integer = models[f"{bits} integer"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qdistill.data.model_folder import convert_scheduler, load_unet, scheduler_from_file
+from qdistill.data.model_folder import convert_scheduler, load_denoiser, scheduler_from_file
 from qdistill.evaluation.fidelity import psnr
 from qdistill.evaluation.sampling import sample_batch
 from qdistill.export import OnnxDenoiser, export_onnx, load_exported, read_export_meta
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     meta = read_export_meta(export)
     scheduler = convert_scheduler(scheduler_from_file(export / "scheduler_config.json"), "ddim")
     seeds = list(range(10_000, 10_000 + args.samples))
-    fp = load_unet(meta["source_model"]).eval()
+    fp = load_denoiser(meta["source_model"]).eval()
     sim = load_exported(export, "simulated")
     x_fp = samples(fp, scheduler, seeds, args.steps, args.batch)
     x_sim = samples(sim, scheduler, seeds, args.steps, args.batch)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from qdistill.data.calibration_set import load_shard_list
-from qdistill.data.model_folder import load_unet, model_hash
+from qdistill.data.model_folder import load_denoiser, model_hash
 from qdistill.export import export_model
 from qdistill.quantizers import QuantConfig, calibrate_, quantize_
 from qdistill.quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(branch_cost(args.shape, args.ranks, args.bits))
         return 0
 
-    fp = load_unet(args.model).eval()
+    fp = load_denoiser(args.model).eval()
     shards = load_shard_list(args.trajectories, model_hash(args.model))
     if len(shards) < 2:
         raise SystemExit(f"{args.trajectories}: needs at least 2 shards (one half calibrates, the other is held out)")

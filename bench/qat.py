@@ -33,14 +33,14 @@ def qat(args) -> dict:
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list, to_model_inputs
-    from qdistill.data.model_folder import load_scheduler, load_unet
+    from qdistill.data.model_folder import load_denoiser, load_scheduler
     from qdistill.evaluation.fidelity import compare_to_fp
     from qdistill.trainer.phases import parameter_groups
     from qdistill.trainer.student import build_student
 
     torch.set_num_threads(2)
     cfg = load_config(TrainConfig, args.config, [f"trajectories={args.trajectories}", *SAMPLING])
-    fp = load_unet(cfg.model).eval()
+    fp = load_denoiser(cfg.model).eval()
     shards = load_shard_list(cfg.trajectories)
     student, _, blocks = build_student(fp, cfg, shards, torch.device("cpu"))
     # diffusers' attention returns channels_last views, and GroupNorm's CPU backward crashes on those

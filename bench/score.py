@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from qdistill.data.model_folder import ModelFolderError, load_scheduler, load_unet
+from qdistill.data.model_folder import ModelFolderError, load_denoiser, load_scheduler
 from qdistill.bench.quality import bench_quality, fd_floor, sample_images
 from qdistill.evaluation.fidelity import save_grid
 from qdistill.errors import CheckpointError
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             unet = load_quantized(args.model).eval()
             scheduler = load_scheduler(json.loads(meta.read_text())["source_model"], "ddim")
         else:
-            unet = load_unet(args.model).eval()
+            unet = load_denoiser(args.model).eval()
             scheduler = load_scheduler(args.model, "ddim")
     except (ModelFolderError, CheckpointError, KeyError, OSError) as e:
         print(f"qdistill: error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 from qdistill.configs import load_config
 from qdistill.configs.schema import TrainConfig
 from qdistill.data.calibration_set import load_shard_list, read_manifest
-from qdistill.data.model_folder import load_unet
+from qdistill.data.model_folder import load_denoiser
 from qdistill.quantizers import set_timesteps
 from qdistill.trainer.distill import BlockDistiller
 from qdistill.trainer.phases import parameter_groups, per_sample_mse
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, [f"trajectories={args.trajectories}"])
     torch.set_num_threads(2)
-    fp = load_unet(cfg.model).eval()
+    fp = load_denoiser(cfg.model).eval()
     shards = load_shard_list(cfg.trajectories)
     student, blocks_fp, blocks_q = build_student(fp, cfg, shards, torch.device("cpu"))
     names = [b.name for b in blocks_q]

@@ -14,7 +14,7 @@ class CalibrationConfig:
     num_samples: int = 32
     num_steps: int = 50
     every: int = 5  # keep every k-th step of each trajectory (Q-Diffusion's uniform interval)
-    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
     eta: float = 0.0
     seed: int = 0  # samples use seeds seed, seed+1, ...
     batch_size: int = 16
@@ -31,7 +31,7 @@ class SamplingConfig:
 
     num_samples: int = 16
     num_steps: int = 50
-    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
     eta: float = 0.0
     seed: int = 10_000  # disjoint from calibration seeds
     batch_size: int = 16
@@ -86,7 +86,7 @@ class TrajectoryConfig:
     model: str = "bench/teacher"
     out: str = "runs/trajectories"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
-    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
     num_steps: int = 50
     eta: float = 0.0
     num_samples: int = 256
@@ -287,7 +287,7 @@ class EvalConfig:
     compile: bool = False  # integer mode through torch.compile (one graph for every step; the first call compiles)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer on CUDA: _int_mm linears)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: FP and simulated forwards under autocast
-    scheduler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
     steps: int = 50
     eta: float = 0.0
     ptqd: bool | None = None  # PTQD's noise-corrected sampler for the quantized model; None: when the export has it

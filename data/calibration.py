@@ -3,6 +3,7 @@ steps of every trajectory written as shards (see calibration_set). Under torchru
 own batches; rank 0 writes the manifest once all are done."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -15,9 +16,10 @@ from ..devices import autocast, resolve_device
 from ..errors import CalibrationSetError
 from ..progress import progress
 from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
-from .model_folder import ModelFolderError, load_scheduler, load_unet, model_hash, resolve
+from .model_folder import ModelFolderError, load_denoiser, load_pipeline, load_scheduler, model_hash, resolve
 from .prompts import load_prompts
-from .trajectories import (Conditioning, class_labels, random_steps, record_trajectories, sample_shape, seed_batches,
+from ..denoisers import forward_parameters, is_flux, latent_name, latent_shape, num_classes, text_dim
+from .trajectories import (Conditioning, class_labels, random_steps, record_trajectories, seed_batches,
                            uniform_steps)
 
 logger = logging.getLogger(__name__)
@@ -33,9 +35,7 @@ def selected_steps(cfg, seed: int) -> set[int]:
 
 
 def _load_text_pipeline(path: str):
-    import diffusers
-
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+    pipe = load_pipeline(path)
     if not hasattr(pipe, "encode_prompt"):
         raise ModelFolderError(f"{path}: {type(pipe).__name__} has no encode_prompt; cannot encode prompts")
     pipe.set_progress_bar_config(disable=True)
@@ -45,10 +45,10 @@ def _load_text_pipeline(path: str):
 def conditioning_source(cfg, unet, device=None):
     """A function batch_seeds → Conditioning (or None for unconditional models), and the recorded kind ("none",
     "class", "text", or "text_time" for SDXL-class UNets, which also take pooled embeddings and time_ids)."""
-    if getattr(unet.config, "num_class_embeds", None):
-        n = unet.config.num_class_embeds
+    n = num_classes(unet)
+    if n:
         return (lambda seeds: Conditioning(class_labels=class_labels(seeds, n))), "class"
-    if getattr(unet.config, "cross_attention_dim", None) is None:
+    if text_dim(unet) is None:
         return None, "none"
     if cfg.prompts is None:
         raise ModelFolderError(f"{cfg.model}: {type(unet).__name__} is text-conditional; set prompts=FILE "
@@ -60,16 +60,20 @@ def conditioning_source(cfg, unet, device=None):
 def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, guidance_scale: float,
                       negative_prompt: str, device=None):
     """(batch_seeds → Conditioning, kind) from the pipeline folder's own text encoders: seed s gets prompt
-    (s - first_seed) mod len(prompts)."""
+    (s - first_seed) mod len(prompts). What is recorded follows the model's inputs: text embeddings (and their
+    negatives under guidance); SDXL's pooled embeddings and time_ids; PixArt's caption masks; SD3's and Flux's
+    pooled projections; Flux's distilled guidance (`guidance_scale`, an input of the model, not CFG)."""
     device = device or torch.device("cpu")
     pipe = _load_text_pipeline(model)
+    if latent_name(unet) != "sample":
+        return _transformer_text_conditioning(pipe, unet, prompts, first_seed, guidance_scale, negative_prompt, device)
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(device)
     guided = guidance_scale != 1.0
     text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if text_time:  # SDXL's default micro-conditioning: generated at full size, uncropped
-        _, h, w = sample_shape(unet)
+        _, h, w = latent_shape(unet)
         scale = getattr(pipe, "vae_scale_factor", 8)
         time_ids = torch.tensor([h * scale, w * scale, 0, 0, h * scale, w * scale], dtype=torch.float32)
 
@@ -97,6 +101,43 @@ def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, gui
     return cond_for, "text_time" if text_time else "text"
 
 
+def _transformer_text_conditioning(pipe, model, prompts, first_seed, guidance_scale, negative_prompt, device):
+    """PixArt (embeddings, caption mask), SD3 (embeddings, pooled) and Flux (embeddings, pooled, distilled guidance)
+    from their pipelines' own `encode_prompt`."""
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(device)
+    takes = set(inspect.signature(pipe.encode_prompt).parameters)
+    flux = is_flux(model)
+    guided = guidance_scale != 1.0 and not flux  # Flux's guidance is an input of the model
+
+    def cond_for(seeds):
+        texts = [prompts[(s - first_seed) % len(prompts)] for s in seeds]
+        kw = {"prompt": texts, "device": device, "num_images_per_prompt": 1}
+        kw.update({k: None for k in ("prompt_2", "prompt_3") if k in takes})  # the prompt for every encoder
+        if "do_classifier_free_guidance" in takes:
+            kw["do_classifier_free_guidance"] = guided
+            if guided and negative_prompt:  # else the pipeline's default negative, as its own sampling uses
+                kw["negative_prompt"] = [negative_prompt] * len(texts)
+        with torch.no_grad():
+            encoded = pipe.encode_prompt(**kw)
+        if flux:  # (embeddings, pooled, text ids)
+            guidance = torch.full((len(seeds),), float(guidance_scale), device=device) \
+                if model.config.get("guidance_embeds") else None
+            return Conditioning(encoder_hidden_states=encoded[0], pooled_projections=encoded[1], guidance=guidance)
+        if "pooled_projections" in forward_parameters(model):  # SD3: (embeddings, negative, pooled, negative pooled)
+            return Conditioning(encoder_hidden_states=encoded[0], negative_encoder_hidden_states=encoded[1] if guided
+                                else None, guidance_scale=guidance_scale, pooled_projections=encoded[2],
+                                negative_pooled_projections=encoded[3] if guided else None)
+        # PixArt: (embeddings, mask, negative, negative mask)
+        return Conditioning(encoder_hidden_states=encoded[0], encoder_attention_mask=encoded[1],
+                            negative_encoder_hidden_states=encoded[2] if guided else None,
+                            negative_encoder_attention_mask=encoded[3] if guided else None,
+                            guidance_scale=guidance_scale)
+
+    return cond_for, "text"
+
+
 def _per_sample(cond: Conditioning | None, seeds: list[int]) -> dict[int, Conditioning]:
     return {} if cond is None else {s: cond.select(j) for j, s in enumerate(seeds)}
 
@@ -114,7 +155,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         barrier()
     resolve(cfg.model)
     device = resolve_device(cfg.device)
-    unet = load_unet(cfg.model).eval().to(device)
+    unet = load_denoiser(cfg.model).eval().to(device)
     if rank == 0:
         logger.info(f"recording on {device}, {cfg.precision}")
     scheduler = load_scheduler(cfg.model, cfg.scheduler)
@@ -144,7 +185,6 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
     barrier()
     if rank != 0:
         return None
-    c, h, w = sample_shape(unet)
     info = {
         "source_model": str(cfg.model), "source_model_hash": model_hash(cfg.model),
         "model_class": type(unet).__name__,
@@ -154,7 +194,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         "selection": {"mode": cfg.selection, "every": cfg.every, "random_per_sample": cfg.random_per_sample},
         "conditioning": conditioning, "guidance_scale": cfg.guidance_scale,
         "prompts": cfg.prompts, "negative_prompt": cfg.negative_prompt,
-        "shapes": {"x_t": [c, h, w], "noise_pred": [c, h, w]}, "dtype": "float32", "precision": cfg.precision,
+        "shapes": {"x_t": list(latent_shape(unet)), "noise_pred": list(latent_shape(unet))}, "dtype": "float32", "precision": cfg.precision,
         "recorded_by": {"world_size": world_size, "seconds_rank0": seconds},
     }
     return write_manifest(out, len(batches), info)

@@ -40,7 +40,10 @@ READABLE_FORMATS = (1, 2)
 # the conditioning columns a row may carry, by the Conditioning field they hold
 COND_COLUMNS = {"class_label": "class_labels", "encoder_hidden_states": "encoder_hidden_states",
                 "negative_encoder_hidden_states": "negative_encoder_hidden_states", "text_embeds": "text_embeds",
-                "negative_text_embeds": "negative_text_embeds", "time_ids": "time_ids"}
+                "negative_text_embeds": "negative_text_embeds", "time_ids": "time_ids",
+                "pooled_projections": "pooled_projections", "negative_pooled_projections": "negative_pooled_projections",
+                "guidance": "guidance", "encoder_attention_mask": "encoder_attention_mask",
+                "negative_encoder_attention_mask": "negative_encoder_attention_mask"}
 
 
 
@@ -59,7 +62,8 @@ def _features(example: dict[str, np.ndarray]) -> datasets.Features:
     for key, value in example.items():
         if key in feats:
             continue
-        feats[key] = datasets.Value("int64") if key == "class_label" else array(value)
+        feats[key] = datasets.Value("int64") if key == "class_label" else \
+            datasets.Value("float32") if np.ndim(value) == 0 else array(np.asarray(value))
     return datasets.Features(feats)
 
 
@@ -81,7 +85,8 @@ def rows_from_records(records: list[StepRecord], keep: dict[int, set[int]] | Non
                 for key, attr in COND_COLUMNS.items():
                     value = getattr(cond, attr)
                     if value is not None:
-                        value = int(value) if key == "class_label" else value.float().cpu().numpy()
+                        value = int(value) if key == "class_label" else float(value) if value.dim() == 0 else \
+                            value.float().cpu().numpy()
                         rows.setdefault(key, []).append(value)
     return rows
 
@@ -184,19 +189,27 @@ def load_shard_list(root: str | Path, model_hash: str | None = None, indices=Non
     return parts
 
 
-def to_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A batch of rows → kwargs for the UNet (guidance rows become a 2B batch: [uncond, cond])."""
-    kw = {"sample": batch["x_t"], "timestep": batch["timestep"]}
+def to_model_inputs(batch: dict[str, torch.Tensor], model=None) -> dict[str, torch.Tensor]:
+    """A batch of rows → kwargs for `model` (a UNet when None): its latent input by its own name, guidance rows as
+    a 2B batch [uncond, cond], and whatever conditioning its family takes (denoisers.py)."""
+    from ..denoisers import is_flux, latent_name, model_kwargs
+
+    guided = "negative_encoder_hidden_states" in batch
+    both = lambda v: torch.cat([v, v]) if guided else v  # noqa: E731 (the halves share x_t, t, guidance)
+    pair = lambda key: torch.cat([batch["negative_" + key], batch[key]]) if guided else batch[key]  # noqa: E731
+    latent = latent_name(model) if model is not None else "sample"
+    kw = {latent: both(batch["x_t"]), "timestep": both(batch["timestep"])}
     if "class_label" in batch:
         kw["class_labels"] = batch["class_label"]
-    if "encoder_hidden_states" in batch:
-        if "negative_encoder_hidden_states" in batch:
-            kw["sample"] = torch.cat([kw["sample"]] * 2)
-            kw["timestep"] = torch.cat([kw["timestep"]] * 2)
-            kw["encoder_hidden_states"] = torch.cat([batch["negative_encoder_hidden_states"],
-                                                     batch["encoder_hidden_states"]])
-        else:
-            kw["encoder_hidden_states"] = batch["encoder_hidden_states"]
+    for key in ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections"):
+        if key in batch:
+            kw[key] = pair(key)
+    if "guidance" in batch:
+        kw["guidance"] = both(batch["guidance"])
+    if model is not None and is_flux(model):  # the positions of its packed latent and text tokens
+        text = kw["encoder_hidden_states"].shape[1] if "encoder_hidden_states" in kw else 0
+        kw.update({k: v for k, v in model_kwargs(model, kw[latent], kw["timestep"], text).items()
+                   if k in ("img_ids", "txt_ids")})
     if "text_embeds" in batch:  # SDXL-class: the guidance halves share time_ids, as in diffusers' pipeline
         guided = "negative_text_embeds" in batch
         kw["added_cond_kwargs"] = {

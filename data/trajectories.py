@@ -12,7 +12,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+
+from ..denoisers import (is_flux, latent_shape, model_kwargs, model_timestep, num_classes,  # noqa: F401 (re-exported)
+                         predicted_noise)
 
 
 # The seed conventions every stage shares (calibration, training's fidelity check, export's PTQD measurements,
@@ -30,12 +34,6 @@ def step_generator(batch_seeds: Sequence[int]) -> torch.Generator:
 def class_labels(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
     """Each sample's class label: balanced over the classes along consecutive seeds."""
     return torch.tensor([int(s) % num_classes for s in seeds])
-
-
-def sample_shape(unet) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return unet.config.in_channels, h, w
 
 
 def seed_batches(seeds: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -59,6 +57,11 @@ class Conditioning:
     text_embeds: torch.Tensor | None = None  # [B, P] pooled (SDXL)
     negative_text_embeds: torch.Tensor | None = None  # [B, P]
     time_ids: torch.Tensor | None = None  # [B, 6]: original size, crop top-left, target size (SDXL)
+    pooled_projections: torch.Tensor | None = None  # [B, P] pooled text (SD3, Flux)
+    negative_pooled_projections: torch.Tensor | None = None  # [B, P]
+    guidance: torch.Tensor | None = None  # [B] Flux's distilled guidance scale, an input of the model (not CFG)
+    encoder_attention_mask: torch.Tensor | None = None  # [B, L] PixArt's caption mask
+    negative_encoder_attention_mask: torch.Tensor | None = None  # [B, L]
 
     @property
     def guided(self) -> bool:
@@ -71,6 +74,14 @@ class Conditioning:
         if self.encoder_hidden_states is not None:
             kw["encoder_hidden_states"] = (torch.cat([self.negative_encoder_hidden_states, self.encoder_hidden_states])
                                            if self.guided else self.encoder_hidden_states)
+        if self.pooled_projections is not None:
+            kw["pooled_projections"] = (torch.cat([self.negative_pooled_projections, self.pooled_projections])
+                                        if self.guided else self.pooled_projections)
+        if self.guidance is not None:
+            kw["guidance"] = torch.cat([self.guidance] * 2) if self.guided else self.guidance
+        if self.encoder_attention_mask is not None:
+            kw["encoder_attention_mask"] = (torch.cat([self.negative_encoder_attention_mask, self.encoder_attention_mask])
+                                            if self.guided else self.encoder_attention_mask)
         if self.text_embeds is not None:  # the negative half's time_ids are the positive's, as in diffusers
             kw["added_cond_kwargs"] = {
                 "text_embeds": torch.cat([self.negative_text_embeds, self.text_embeds]) if self.guided
@@ -83,7 +94,9 @@ class Conditioning:
         pick = lambda v: None if v is None else v[j]  # noqa: E731
         return Conditioning(pick(self.encoder_hidden_states), pick(self.negative_encoder_hidden_states),
                             pick(self.class_labels), self.guidance_scale, pick(self.text_embeds),
-                            pick(self.negative_text_embeds), pick(self.time_ids))
+                            pick(self.negative_text_embeds), pick(self.time_ids), pick(self.pooled_projections),
+                            pick(self.negative_pooled_projections), pick(self.guidance),
+                            pick(self.encoder_attention_mask), pick(self.negative_encoder_attention_mask))
 
 
 def to_device(value, device):
@@ -98,15 +111,16 @@ def to_device(value, device):
 
 
 def predict_noise(unet, model_input: torch.Tensor, t, cond: Conditioning | None = None) -> torch.Tensor:
-    """The (guided) noise prediction the sampler uses."""
-    if cond is None:
-        return unet(model_input, t).sample
-    kwargs = to_device(cond.model_kwargs(), model_input.device)
-    if not cond.guided:
-        return unet(model_input, t, **kwargs).sample
+    """The (guided) prediction the sampler steps with (any diffusers denoiser: its inputs by name; `t` as the
+    model takes it, `model_timestep`)."""
+    kwargs = {} if cond is None else to_device(cond.model_kwargs(), model_input.device)
+    text = kwargs["encoder_hidden_states"].shape[1] if "encoder_hidden_states" in kwargs else None
+    if cond is None or not cond.guided:
+        return predicted_noise(unet, unet(**model_kwargs(unet, model_input, t, text), **kwargs))
     if torch.is_tensor(t) and t.dim() == 1:  # per-sample timesteps: both halves
         t = torch.cat([t, t])
-    uncond, text = unet(torch.cat([model_input, model_input]), t, **kwargs).sample.chunk(2)
+    both = unet(**model_kwargs(unet, torch.cat([model_input, model_input]), t, text), **kwargs)
+    uncond, text = predicted_noise(unet, both).chunk(2)
     return uncond + cond.guidance_scale * (text - uncond)
 
 
@@ -114,8 +128,9 @@ def predict_noise(unet, model_input: torch.Tensor, t, cond: Conditioning | None 
 def run_sampler(unet, scheduler, noise: torch.Tensor, num_steps: int, eta: float = 0.0,
                 on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
                 generator: torch.Generator | None = None, cond: Conditioning | None = None) -> torch.Tensor:
-    """Denoise `noise` in `num_steps` steps; `on_step(i, t, model_input, noise_pred)` sees every step."""
-    scheduler.set_timesteps(num_steps)
+    """Denoise `noise` in `num_steps` steps; `on_step(i, t, model_input, noise_pred)` sees every step, with `t` as
+    the model is called with it. Flow-matching schedulers (SD3, Flux) are set up as their pipelines do."""
+    set_sampler_timesteps(scheduler, num_steps, unet, noise)
     step_params = inspect.signature(scheduler.step).parameters
     extra = {}
     if "eta" in step_params:
@@ -123,14 +138,38 @@ def run_sampler(unet, scheduler, noise: torch.Tensor, num_steps: int, eta: float
     if "generator" in step_params:
         extra["generator"] = generator
     param = next(unet.parameters(), None)  # seeds' noise is drawn on the CPU; it runs where the model is
-    x = (noise if param is None else noise.to(param.device, param.dtype)) * scheduler.init_noise_sigma
+    x = (noise if param is None else noise.to(param.device, param.dtype)) * getattr(scheduler, "init_noise_sigma", 1.0)
     for i, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(x, t)
-        eps = predict_noise(unet, model_input, t, cond)
+        model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        t_model = model_timestep(unet, t)
+        eps = predict_noise(unet, model_input, t_model, cond)
         if on_step is not None:
-            on_step(i, t, model_input, eps)
+            on_step(i, t_model, model_input, eps)
         x = scheduler.step(eps, t, x, **extra).prev_sample
     return x
+
+
+def is_flow_matching(scheduler) -> bool:
+    return "FlowMatch" in type(scheduler).__name__
+
+
+def set_sampler_timesteps(scheduler, num_steps: int, model, noise: torch.Tensor) -> None:
+    """`scheduler.set_timesteps` as the model's pipeline calls it: a flow-matching scheduler with dynamic shifting
+    gets the shift μ of the image's token count (linear between the config's base and max sequence lengths), and
+    Flux pipelines pass their σ from 1 to 1/steps."""
+    if not is_flow_matching(scheduler):
+        scheduler.set_timesteps(num_steps)
+        return
+    kw = {}
+    if is_flux(model) and not scheduler.config.get("use_flow_sigmas"):
+        kw["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+    if scheduler.config.get("use_dynamic_shifting"):
+        tokens = noise.shape[1] if is_flux(model) else noise.shape[-2] * noise.shape[-1] // model.config.patch_size**2
+        c = scheduler.config
+        lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        slope = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (hi - lo)
+        kw["mu"] = c.get("base_shift", 0.5) + slope * (tokens - lo)
+    scheduler.set_timesteps(num_steps, **kw)
 
 
 @dataclass
@@ -153,7 +192,7 @@ def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, b
     in `keep_steps` (all steps when None). `cond_for(batch_seeds)` gives each batch's conditioning."""
     keep = None if keep_steps is None else set(keep_steps)
     finals, records = [], []
-    shape = sample_shape(unet)
+    shape = latent_shape(unet)
     for chunk in seed_batches(seeds, batch_size):
 
         def on_step(i, t, model_input, eps):

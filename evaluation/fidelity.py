@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.trajectories import to_device
+from ..data.trajectories import predicted_noise, to_device
 from ..quantizers import block_output
 
 
@@ -28,7 +28,7 @@ def noise_pred_mse(qunet, calls) -> dict[int, float]:
     device = next(qunet.parameters()).device  # the calls may have been recorded on another device
     for step, args, kwargs, fp_pred in calls:
         out = qunet(*to_device(list(args), device), **to_device(kwargs, device))
-        pred = out[0] if isinstance(out, tuple) else out.sample
+        pred = predicted_noise(qunet, out)
         fp_pred = fp_pred.to(pred.device)
         per_step.setdefault(step, []).append((pred - fp_pred).pow(2).mean().item())
     return {step: float(np.mean(v)) for step, v in sorted(per_step.items())}
@@ -60,16 +60,16 @@ def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: 
     """Sample FP and quantized models from the same seeds with the same sampler (unconditional models).
     Returns both final batches and the metrics: mean PSNR of the quantized samples against FP, and the
     per-step noise-prediction MSE on the FP trajectory's inputs."""
-    from ..data.trajectories import (record_trajectories, run_sampler, sample_shape, seed_batches, seeded_noise,
-                                     step_generator)
+    from ..data.trajectories import (latent_shape, model_kwargs, record_trajectories, run_sampler, seed_batches,
+                                     seeded_noise, step_generator)
 
     seeds = list(seeds)
     fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta)
-    shape = sample_shape(fp_unet)
+    shape = latent_shape(fp_unet)
     q_final = torch.cat([run_sampler(qunet, scheduler, seeded_noise(chunk, shape), num_steps, eta,
                                      generator=step_generator(chunk))
                          for chunk in seed_batches(seeds, batch_size)])
-    eps_mse = noise_pred_mse(qunet, ((r.step, (r.sample, r.timestep), {}, r.noise_pred) for r in fp_records))
+    eps_mse = noise_pred_mse(qunet, ((r.step, (), model_kwargs(qunet, r.sample, r.timestep), r.noise_pred) for r in fp_records))
     metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
                "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
                "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}

@@ -8,11 +8,13 @@ quantized UNet swapped in and each sample's latents given explicitly.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Sequence
 
 import torch
-from ..data.trajectories import (Conditioning, class_labels, run_sampler, sample_shape, seed_batches, seeded_noise,
+from ..denoisers import latent_shape, num_classes, predicted_noise
+from ..data.trajectories import (Conditioning, class_labels, run_sampler, seed_batches, seeded_noise,
                                  step_generator)
 from ..distributed_env import rank_environment
 from ..progress import progress
@@ -43,14 +45,16 @@ def sample_batch(unet, scheduler, seeds: Sequence[int], num_steps: int, eta: flo
     """Final samples of one seed batch in [-1, 1]. A class-conditional model samples each seed's own label
     (balanced over the classes, as calibration records them)."""
     generator = step_generator(seeds)
-    noise = seeded_noise(seeds, sample_shape(unet))
+    noise = seeded_noise(seeds, latent_shape(unet))
     if pipeline is None:
-        n = getattr(unet.config, "num_class_embeds", None)
+        n = num_classes(unet)
         cond = Conditioning(class_labels=class_labels(seeds, n)) if n else None
         return run_sampler(unet, scheduler, noise, num_steps, eta, generator=generator, cond=cond)
-    pipeline.unet, pipeline.scheduler = unet, scheduler
+    setattr(pipeline, "transformer" if hasattr(pipeline, "transformer") else "unet", unet)
+    pipeline.scheduler = scheduler
+    extra = {"eta": eta} if "eta" in inspect.signature(pipeline.__call__).parameters else {}
     out = pipeline(prompt=[prompts[s % len(prompts)] for s in seeds], latents=noise, num_inference_steps=num_steps,
-                   guidance_scale=guidance_scale, eta=eta, generator=generator, output_type="pt")
+                   guidance_scale=guidance_scale, generator=generator, output_type="pt", **extra)
     return out.images * 2 - 1  # "pt" output: [B, C, H, W] in [0, 1]
 
 
@@ -72,7 +76,7 @@ def sample_across_ranks(unet, scheduler, seeds: Sequence[int], num_steps: int, b
 def recorded_calls(unet, calls: list):
     """Record every call of `unet`: its positional and keyword inputs and its noise prediction."""
     def hook(module, args, kwargs, output):
-        pred = output[0] if isinstance(output, tuple) else output.sample
+        pred = predicted_noise(module, output)
         calls.append({"args": [a.clone() if torch.is_tensor(a) else a for a in args],
                       "kwargs": {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()},
                       "noise_pred": pred.clone()})

@@ -315,6 +315,10 @@ class _Denoiser(nn.Module):
 
 def model_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Example inputs of the diffusers model, by name (what the graph's inputs are called)."""
+    from ..denoisers import latent_name
+
+    if latent_name(model) != "sample":
+        raise ExportError(f"ONNX export of {type(model).__name__} is not supported yet: UNets only")
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     size = cfg.sample_size

@@ -78,10 +78,7 @@ class QuantAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
     def query_rows(self, batch_heads: int, queries: int, keys: int) -> int:
-        """How many queries one block holds: its fp32 scores (batch·heads × rows × keys) within chunk_mb."""
-        if not self.chunk_mb:
-            return queries
-        return max(1, min(queries, math.floor(self.chunk_mb * 2**20 / (4 * batch_heads * keys))))
+        return query_rows(self.chunk_mb, batch_heads, queries, keys)
 
     def _attend(self, attn, query, key, value, mask):
         probs = self.probs_quantizer(attn.get_attention_scores(query, key, mask))
@@ -103,3 +100,11 @@ class QuantAttnProcessor(nn.Module):
             else:
                 out.append(self._attend(attn, query[:, a:a + rows], key, value, m))
         return torch.cat(out, dim=1)
+
+
+def query_rows(chunk_mb: float, batch_heads: int, queries: int, keys: int) -> int:
+    """How many queries one block of scores holds: fp32 scores (batch·heads × rows × keys) within chunk_mb
+    (0: all queries at once)."""
+    if not chunk_mb:
+        return queries
+    return max(1, min(queries, math.floor(chunk_mb * 2**20 / (4 * batch_heads * keys))))

@@ -2,7 +2,10 @@
 
 The rules, in order (a later one overrides an earlier one):
 1. every layer at `weight_bits`/`act_bits`;
-2. the model's first and last layer at `first_last_bits`, the timestep-embedding MLP at `time_embedding_bits`;
+2. by role (`layer_roles`): the input layer (conv_in, the patch embedding, Flux's x_embedder) and the output layer
+   (conv_out, proj_out) at `first_last_bits`; the timestep and conditioning embedders (every TimestepEmbedding, and
+   the layers outside the model's blocks that read no latent: caption/context projections, pooled-text
+   embedders, PixArt's adaLN-single, DiT's output modulation) at `time_embedding_bits`;
 3. `layer_bits`: module-name patterns (fnmatch; a pattern also covers the layers inside the module it names)
    to bits: an int n for WnAn, "W4A8", or None / "fp" for floating point; the last matching pattern wins, and
    a pattern that matches no layer is an error (a typo would otherwise quantize what it meant to keep).
@@ -57,21 +60,62 @@ def _covers(pattern: str, name: str) -> bool:
     return fnmatchcase(name, pattern) or fnmatchcase(name, pattern + ".*")
 
 
+@torch.no_grad()
+def layer_roles(model: nn.Module) -> dict[str, str]:
+    """Every Conv2d/Linear of `model` (module order) to its role: "input", "output", "embedding" or "body".
+
+    Found by following one small forward (denoisers.example_inputs) with the latent input labelled: the input
+    layer is the first layer called on a value derived from the latent, the output layer the last layer called;
+    an embedding layer is inside a TimestepEmbedding, or reads no latent-derived value and sits outside the
+    model's blocks (quantizers/blocks.py). The same rules name conv_in/conv_out in a UNet, pos_embed.proj/proj_out
+    in DiT, PixArt and SD3, x_embedder/proj_out in Flux, whatever order the modules were registered in."""
+    from ..denoisers import example_inputs, latent_name, smallest_size
+    from ..trainer.block_graph import Lineage
+    from .blocks import find_blocks
+
+    layers = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize")
+    kwargs = example_inputs(model, 1, size=smallest_size(model))
+    mode, calls = Lineage(), []
+    mode.mark(kwargs[latent_name(model)], frozenset((0,)))
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: calls.append((n, bool(mode.of(args)))))
+             for m, n in layers.items()]
+    try:
+        with mode:
+            model(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    reads = dict(reversed(calls))  # a layer called more than once: its first call
+    containers = [b.name for b in find_blocks(model) if not isinstance(b.module, (nn.Conv2d, nn.Linear, TimestepEmbedding))]
+    embedders = [n for n, m in model.named_modules() if isinstance(m, TimestepEmbedding)]
+    first = next((n for n, latent in calls if latent), None)
+    roles = {}
+    for name in layers.values():
+        if name == first:
+            roles[name] = "input"
+        elif calls and name == calls[-1][0]:
+            roles[name] = "output"
+        elif any(name.startswith(p + ".") for p in embedders) or (
+                name in reads and not reads[name] and not any(name.startswith(c + ".") for c in containers)):
+            roles[name] = "embedding"
+        else:
+            roles[name] = "body"
+    return roles
+
+
 def assign_layer_bits(model: nn.Module, config) -> dict[str, tuple[int, int] | None]:
     """Every Conv2d/Linear of `model` (module order) to its (weight bits, activation bits), or None for FP, by
     `config`'s rules (module docstring)."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layers to quantize")
-    time_embedding = [n for n, m in model.named_modules() if isinstance(m, TimestepEmbedding)]
-    fl = None if config.first_last_bits is None else (config.first_last_bits,) * 2
-    te = None if config.time_embedding_bits is None else (config.time_embedding_bits,) * 2
+    roles = layer_roles(model)
+    layers = list(roles)
+    by_role = {"input": config.first_last_bits, "output": config.first_last_bits,
+               "embedding": config.time_embedding_bits}
     bits: dict[str, tuple[int, int] | None] = {}
-    for name in layers:
-        if name in (layers[0], layers[-1]):
-            bits[name] = fl
-        elif any(name.startswith(p + ".") for p in time_embedding):
-            bits[name] = te
+    for name, role in roles.items():
+        if role in by_role:
+            bits[name] = None if by_role[role] is None else (by_role[role],) * 2
         else:
             bits[name] = (config.weight_bits, config.act_bits)
     for pattern, value in config.layer_bits.items():

@@ -243,6 +243,7 @@ def plan_step_bits(low_model: nn.Module, high_model: nn.Module, scheduler, num_s
     the schedule to `low_model` in place. `records`: FP trajectory steps of that sampler
     (`record_trajectories(..., keep_steps=None)`), on which the low model's PTQD residual σ_q is measured.
     `budget`: bit-operations of the whole run relative to the FP model's (None: the noise rule alone)."""
+    from ..denoisers import model_kwargs
     from .corrected_scheduler import NoiseCorrectedScheduler
     from .noise_correction import measure_noise_correction
 
@@ -257,8 +258,7 @@ def plan_step_bits(low_model: nn.Module, high_model: nn.Module, scheduler, num_s
         own = (1 - step.alpha_prev) ** 0.5  # the noise the sampler's next sample still carries
         ratio.append(abs(step.c) * residual.residual_std(t) / own if own > 0 else float("inf"))
     first = records[0]
-    kwargs = {"sample": first.sample[:1], "timestep": first.timestep[:1]}
-    macs = layer_macs(low_model, kwargs)
+    macs = layer_macs(low_model, model_kwargs(low_model, first.sample[:1], first.timestep[:1]))
     fp_bops = float(sum(macs.values()) * FP_BITS * FP_BITS)
     bops_low = [bit_operations(low_model, macs, t) for t in timesteps]
     bops_high = [bit_operations(high_model, macs, t) for t in timesteps]

@@ -1,4 +1,5 @@
-"""`quantize_(model, config)`: swap a diffusers UNet's layers for quantized ones, in place.
+"""`quantize_(model, config)`: swap a diffusers denoiser's layers (a UNet or a transformer) for quantized ones,
+in place.
 
 The model keeps its class and call signature, so it still runs inside diffusers pipelines. After
 `quantize_`, weights are quantized (ranges from the weights alone); activation tables are filled by
@@ -10,13 +11,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from ..denoisers import latent_and_timestep
 from .attention import QuantAttnProcessor
+from .blocks import ATTENTION_TYPES
 from .layer_precision import assign_layer_bits, parse_layer_bits
 from .layers import QUANT_LAYERS, LayerSpec, QuantConv2d, QuantLinear
 from .routing import set_timesteps
+from .sdpa_attention import QuantSDPA
 from .temporal import TemporalQuantizer
 from .uniform import check_bits
 
@@ -127,13 +131,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _route_timesteps(model, args, kwargs):
-    """Forward pre-hook: give every temporal quantizer the per-sample timesteps of this call."""
-    sample = kwargs["sample"] if "sample" in kwargs else args[0]
-    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    """Forward pre-hook: give every temporal quantizer the per-sample timesteps of this call (the model's own
+    `timestep` input, by keyword or position; one for the batch or one per sample)."""
+    sample, timestep = latent_and_timestep(model, args, kwargs)
+    if timestep is None:
+        raise ValueError(f"{type(model).__name__} was called without a timestep; its quantizers are per timestep")
     t = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
-    if t.numel() == 1:
-        t = t.expand(sample.shape[0])
-    elif t.numel() != sample.shape[0]:
+    if t.numel() not in (1, sample.shape[0]):  # one timestep stands for every row, whatever a layer's batch is
         raise ValueError(f"got {t.numel()} timesteps for a batch of {sample.shape[0]} samples")
     set_timesteps(model, t)
 
@@ -163,13 +167,15 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
         _set_module(model, name, cls.from_float(module, spec, splits.get(name, ())))
 
     if config.quantize_attention:
-        for module in model.modules():
-            if isinstance(module, Attention):
-                bits = config.attention_bits or config.act_bits
-                w = module.to_q.weight
-                module.set_processor(QuantAttnProcessor(bits, config.softmax_bits, config.act_symmetric,
-                                                        config.per_timestep, config.attention_chunk_mb,
-                                                        device=w.device, dtype=w.dtype))
+        for module in [m for m in model.modules() if isinstance(m, ATTENTION_TYPES)]:
+            w = next(module.parameters())
+            args = (config.attention_bits or config.act_bits, config.softmax_bits, config.act_symmetric,
+                    config.per_timestep, config.attention_chunk_mb)
+            if isinstance(module, Attention) and type(module.processor) in (AttnProcessor, AttnProcessor2_0):
+                # the plain computation: our own processor, which integer mode can run on the codes
+                module.set_processor(QuantAttnProcessor(*args, device=w.device, dtype=w.dtype))
+            else:  # the family's own processor (joint attention, RoPE, QK-norm) stays; its SDPA calls are caught
+                QuantSDPA(*args, device=w.device, dtype=w.dtype).install(module)
 
     for module in model.modules():
         if isinstance(module, QUANT_LAYERS) and init_weights:

@@ -230,14 +230,14 @@ def fp_noise_floor(args, out: Path) -> dict:
     if record.is_file():
         return json.loads(record.read_text())
     from ..bench.quality import bench_quality
-    from ..data.model_folder import load_scheduler, load_unet
+    from ..data.model_folder import load_denoiser, load_scheduler
     from ..evaluation.sampling import from_uint8, sample_across_ranks
     from ..files import shipped
 
     classifier = shipped(args.classifier)
     if not (classifier / "config.json").is_file():
         return {}
-    fp = load_unet(args.model).eval()
+    fp = load_denoiser(args.model).eval()
     seed = EVAL_SEED + args.num_samples
     images = sample_across_ranks(fp, load_scheduler(args.model, "ddim"), list(range(seed, seed + args.num_samples)),
                                  args.steps, 64, 0.0, 0, 1, desc="FP samples, second seed set")
@@ -262,17 +262,15 @@ def same_calibration(trajectories: str) -> list[str]:
 
 def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> float:
     """Bit-operations of a sampling run of the export relative to the FP model's (per-step bits included)."""
-    import torch
-
     from ..data.model_folder import load_scheduler
-    from ..data.trajectories import sample_shape
+    from ..denoisers import example_inputs
     from ..export import load_exported
     from ..quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
 
     q = load_exported(export, "simulated")
     scheduler = load_scheduler(model, scheduler_name)
     scheduler.set_timesteps(steps)
-    macs = layer_macs(q, {"sample": torch.zeros(1, *sample_shape(q)), "timestep": scheduler.timesteps[:1]})
+    macs = layer_macs(q, example_inputs(q, 1))  # the MACs of one sample (inputs' values do not matter)
     fp = sum(macs.values()) * FP_BITS * FP_BITS
     return sum(bit_operations(q, macs, float(t)) for t in scheduler.timesteps) / (fp * len(scheduler.timesteps))
 

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 
 from ..configs.schema import EvalConfig
-from ..data.model_folder import convert_scheduler, load_scheduler, load_unet, model_hash, scheduler_from_file
+from ..data.model_folder import (convert_scheduler, load_denoiser, load_pipeline, load_scheduler, model_hash,
+                                 scheduler_from_file)
+from ..denoisers import text_dim
 from ..devices import autocast, resolve_device
 from ..distributed_env import from_rank0
 from ..errors import ConfigError, ExportError
@@ -73,19 +75,17 @@ def evaluate(cfg: EvalConfig) -> dict | None:
             q_scheduler = NoiseCorrectedScheduler(scheduler, correction)
         except (TypeError, ValueError) as e:  # e.g. scheduler=dpm: PTQD wraps DDIM and DDPM only
             raise ExportError(f"PTQD noise correction (ptqd=true; ptqd=false samples plainly): {e}") from None
-    fp = load_unet(cfg.reference).eval().to(device) if cfg.reference else None
+    fp = load_denoiser(cfg.reference).eval().to(device) if cfg.reference else None
     pipe_kwargs = {}
-    if getattr(qunet.config, "cross_attention_dim", None):
+    if text_dim(qunet):
         if cfg.reference is None or cfg.prompts is None:
             raise ExportError("a text-conditional model needs reference= (its pipeline folder) and prompts=")
-        from diffusers import DiffusionPipeline
-
         if not Path(cfg.prompts).is_file():
             raise ConfigError(f"config key 'prompts': file not found: {cfg.prompts}")
         prompts = [line.strip() for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
         if not prompts:
             raise ExportError(f"{cfg.prompts} holds no prompts")
-        pipeline = DiffusionPipeline.from_pretrained(cfg.reference)
+        pipeline = load_pipeline(cfg.reference)
         pipeline.set_progress_bar_config(disable=True)
         pipe_kwargs = {"pipeline": pipeline, "prompts": prompts, "guidance_scale": cfg.guidance_scale}
     bits = bits_tag(meta["quant_config"]["weight_bits"], meta["quant_config"]["act_bits"])

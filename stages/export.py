@@ -32,7 +32,8 @@ from pathlib import Path
 
 from ..configs import to_dict
 from ..configs.schema import ExportConfig
-from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..data.model_folder import load_denoiser, load_scheduler, model_hash
+from ..denoisers import model_kwargs, num_classes, text_dim
 from ..data.calibration import text_conditioning
 from ..data.calibration_set import read_manifest
 from ..data.prompts import load_prompts
@@ -74,8 +75,7 @@ def export(cfg: ExportConfig) -> dict:
     recipe = cfg.recipe or (f"{trained}+ptqd" if cfg.noise_correction else trained)
     extra = {"run": str(run), "trained_recipe": trained, "export_config": to_dict(cfg)}
     correction = None
-    if cfg.mixed_precision.enabled and (getattr(model.config, "cross_attention_dim", None)
-                                        or getattr(model.config, "num_class_embeds", None)):
+    if cfg.mixed_precision.enabled and (text_dim(model) or num_classes(model)):
         raise ExportError("mixed_precision.enabled=true supports unconditional models only (its plan samples without "
                           "conditioning); noise_correction=true alone measures conditional models")
     if cfg.noise_correction or cfg.mixed_precision.enabled:
@@ -122,9 +122,14 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
     if recorded_hash and model_hash(meta["source_model"]) != recorded_hash:
         raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
                           "one the run recorded): its trajectories would not measure this quantized model")
+    own = load_scheduler(meta["source_model"])
+    if "FlowMatch" in type(own).__name__:
+        raise ExportError(f"PTQD's correction (noise_correction, mixed_precision) is derived for DDPM-style "
+                          f"ε-prediction samplers; {meta['source_model']} samples with {type(own).__name__} (flow "
+                          "matching), for which it is not derived")
     m = cfg.measure
     device = next(model.parameters()).device
-    fp = load_unet(meta["source_model"]).eval().to(device)
+    fp = load_denoiser(meta["source_model"]).eval().to(device)
     scheduler = load_scheduler(meta["source_model"], m.scheduler)
     cond_for = measurement_conditioning(fp, meta, m.seed, device)
     seeds = list(range(m.seed, m.seed + m.samples))
@@ -139,10 +144,10 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
 def measurement_conditioning(fp, meta: dict, first_seed: int, device):
     """batch_seeds → Conditioning for PTQD's trajectories: class labels as calibration draws them, or the
     prompts, guidance and negative prompt the run's trajectories were recorded with (None: unconditional)."""
-    if getattr(fp.config, "num_class_embeds", None):
-        n = fp.config.num_class_embeds
+    n = num_classes(fp)
+    if n:
         return lambda seeds: Conditioning(class_labels=class_labels(seeds, n))
-    if getattr(fp.config, "cross_attention_dim", None) is None:
+    if text_dim(fp) is None:
         return None
     trajectories = (meta.get("run_config") or {}).get("trajectories")
     if not trajectories:
@@ -173,7 +178,7 @@ def mix_precision(model, fp, meta: dict, records: list, scheduler, cfg: ExportCo
             raise ExportError(f"mixed_precision.act_bits ({mp.act_bits}) must exceed the model's activation bits "
                               f"({qc['act_bits']})")
         high = with_act_bits(high, qc["act_bits"], mp.act_bits,
-                             ({"sample": r.sample, "timestep": r.timestep} for r in records))
+                             (model_kwargs(model, r.sample, r.timestep) for r in records))
     if high is model:
         raise ExportError(f"mixed_precision: the model is already {bits_tag(qc['weight_bits'], qc['act_bits'])}; nothing to "
                           f"switch (mixed_precision.act_bits={mp.act_bits}, weight_bits={mp.weight_bits})")

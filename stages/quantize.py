@@ -20,7 +20,8 @@ import torch
 
 from ..configs import to_dict
 from ..configs.schema import QuantizeRunConfig
-from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..data.model_folder import load_denoiser, load_scheduler, model_hash
+from ..denoisers import latent_name, model_kwargs
 from ..data.trajectories import record_trajectories, uniform_steps
 from ..devices import resolve_device
 from ..errors import ModelFolderError
@@ -36,11 +37,11 @@ logger = logging.getLogger(__name__)
 def quantize(cfg: QuantizeRunConfig) -> dict:
     """Quantize `cfg.model` into `cfg.out`; returns the metrics written to OUT/metrics.json."""
     device = resolve_device(cfg.device)
-    fp = load_unet(cfg.model).eval().to(device)
+    fp = load_denoiser(cfg.model).eval().to(device)
     calib_scheduler = load_scheduler(cfg.model, cfg.calibration.scheduler)
     eval_scheduler = load_scheduler(cfg.model, cfg.sampling.scheduler)
     needs = [p for p, v in inspect.signature(fp.forward).parameters.items()
-             if v.default is inspect.Parameter.empty and p not in ("self", "sample", "timestep")]
+             if v.default is inspect.Parameter.empty and p not in ("self", latent_name(fp), "timestep")]
     if needs:
         raise ModelFolderError(f"{cfg.model}: {type(fp).__name__} needs {needs}; `qdistill quantize` calibrates "
                                "unconditional models (use the Python API, quantize_ + calibrate_, for conditional ones)")
@@ -59,13 +60,13 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
 
     # 2. quantize (keep_sensitive=auto: the most sensitive layers chosen first) and calibrate activation ranges
     t0 = time.time()
-    inputs = [{"sample": r.sample, "timestep": r.timestep} for r in records]
+    inputs = [model_kwargs(fp, r.sample, r.timestep) for r in records]
     quant = cfg.quant
     if quant.keep_sensitive == "auto":
         rows = torch.cat([r.sample for r in records])
         t = torch.cat([r.timestep for r in records])
         pick = torch.linspace(0, len(rows) - 1, min(quant.keep_sensitive_rows, len(rows))).round().long()
-        measured = [{"sample": rows[pick[a:a + c.batch_size]], "timestep": t[pick[a:a + c.batch_size]]}
+        measured = [model_kwargs(fp, rows[pick[a:a + c.batch_size]], t[pick[a:a + c.batch_size]])
                     for a in range(0, len(pick), c.batch_size)]
         quant, selection = select_sensitive_layers(fp, quant, inputs, measured,
                                                    eval_scheduler.config.num_train_timesteps)

@@ -20,7 +20,7 @@ import torch
 from ..configs import to_dict
 from ..configs.schema import SensitivityConfig
 from ..data.calibration_set import load_shard_list, read_manifest
-from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..data.model_folder import load_denoiser, load_scheduler, model_hash
 from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..evaluation.sensitivity import chart_array, layer_sensitivity, sensitivity_chart, sensitivity_table
@@ -37,7 +37,7 @@ def sensitivity(cfg: SensitivityConfig) -> dict:
     """Measure `cfg`'s report, write it to `cfg.out` and return it."""
     device = resolve_device(cfg.device)
     # 1. the FP model and its calibration rows
-    fp = load_unet(cfg.model).eval().to(device)
+    fp = load_denoiser(cfg.model).eval().to(device)
     source_hash = model_hash(cfg.model)
     manifest = read_manifest(cfg.trajectories)
     shards = load_shard_list(cfg.trajectories, source_hash)
@@ -57,20 +57,20 @@ def sensitivity(cfg: SensitivityConfig) -> dict:
         if quant.keep_sensitive == "auto":  # the model that selection makes, measured afresh
             torch.manual_seed(cfg.seed)
             quant, selection = select_sensitive_layers(
-                fp, quant, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype),
-                init_batches(shards, quant.keep_sensitive_rows, cfg.batch_size, device, dtype),
+                fp, quant, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype, fp),
+                init_batches(shards, quant.keep_sensitive_rows, cfg.batch_size, device, dtype, fp),
                 load_scheduler(cfg.model).config.num_train_timesteps)
             logger.info(selection_summary(selection))
         torch.manual_seed(cfg.seed)
         model = quantize_(copy.deepcopy(fp), quant)
-        calibrate_(model, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype))
+        calibrate_(model, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype, fp))
         what = f"RTN {quant.tag} ({quant.act_init} activation ranges from {cfg.init_rows} rows)" + (
             f", {len(quant.layer_bits)} layer_bits entries" if quant.layer_bits else "")
     model.eval()
     logger.info(f"{type(fp).__name__} from {cfg.model}, {what}, on {device}; {manifest['num_rows']} calibration rows")
 
     # 3. the errors
-    batches = list(init_batches(shards, cfg.rows, cfg.batch_size, device, dtype))
+    batches = list(init_batches(shards, cfg.rows, cfg.batch_size, device, dtype, fp))
     timesteps = load_scheduler(cfg.model).config.num_train_timesteps
     report = layer_sensitivity(fp, model, batches, cfg.buckets, timesteps)
     report = {"model": str(cfg.model), "quantized": what, "bits": model.qdistill_config.tag, **report,

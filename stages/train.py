@@ -28,7 +28,8 @@ import torch
 from ..configs import to_dict
 from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
-from ..data.model_folder import load_scheduler, load_unet, model_hash
+from ..data.model_folder import load_denoiser, load_scheduler, model_hash
+from ..denoisers import num_classes, text_dim
 from ..devices import autocast
 from ..distributed_env import check_shared_folders, from_rank0
 from ..evaluation.fidelity import compare_to_fp, save_grid
@@ -65,7 +66,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     # 1. the FP model and the calibration shards (first: every rank sees the one OUT and trajectories folder, or
     # all stop with the same error, rather than resume from different checkpoints and hang)
     check_shared_folders({"trajectories": Path(cfg.trajectories)}, rank, world_size, write={"out": out})
-    fp = load_unet(cfg.model).eval().to(device)  # fp32 weights; precision=bf16 runs the forwards under autocast
+    fp = load_denoiser(cfg.model).eval().to(device)  # fp32 weights; precision=bf16 runs the forwards under autocast
     source_hash = from_rank0(lambda: model_hash(cfg.model), rank, world_size)  # hashed once, not per rank
     manifest = read_manifest(cfg.trajectories)
     share = rank_share([s["rows"] for s in manifest["shards"]], cfg.distill.batch_size, rank, world_size)
@@ -132,7 +133,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
                    "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "peak_gpu_mb_per_rank": peak_gpu_mb,
                    "layer_bits": cfg.quant.layer_bits, "blocks": summaries, "e2e": e2e}
-        if fp.config.get("num_class_embeds") or hasattr(fp.config, "cross_attention_dim"):
+        if num_classes(fp) or text_dim(fp):
             log("conditional model: the FP | quantized sample grid needs conditioning; skipped (see `qdistill eval`)")
         else:
             s = cfg.sampling

@@ -37,6 +37,31 @@ UNET_COND_CONFIGS = {
 }
 
 
+# Tiny diffusion transformers of every family qdistill handles (DiT, PixArt, SD3, Flux), random weights.
+TRANSFORMER_CONFIGS = {
+    "dit": ("DiTTransformer2DModel", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)),
+    "pixart": ("PixArtTransformer2DModel", dict(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                out_channels=8, num_layers=2, sample_size=8, patch_size=2,
+                                                cross_attention_dim=16, caption_channels=12)),
+    "sd3": ("SD3Transformer2DModel", dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                          caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+                                          pos_embed_max_size=8)),
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                            pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4))),
+}
+
+
+def build_transformer(family: str, seed: int = 0):
+    import diffusers
+
+    cls, config = TRANSFORMER_CONFIGS[family]
+    torch.manual_seed(seed)
+    return getattr(diffusers, cls)(**config).eval()
+
+
 def build_unet(name: str, seed: int = 0):
     torch.manual_seed(seed)
     if name in UNET2D_CONFIGS:

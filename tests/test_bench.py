@@ -66,6 +66,22 @@ def test_teacher_resume_equals_uninterrupted(fake_fashion_mnist, tmp_path):
     assert list((tmp_path / "a" / "tb").glob("events.out.tfevents.*"))
 
 
+def test_dit_teacher_resume_equals_uninterrupted_and_loads_with_its_scheduler(fake_fashion_mnist, tmp_path):
+    from qdistill.data.model_folder import load_denoiser, load_scheduler
+
+    dit = ["architecture=dit", "patch_size=8", "num_layers=1", "num_attention_heads=2", "attention_head_dim=8"]
+    for run, steps in (("a", 6), ("b", 4), ("b", 6)):  # b: "interrupted" after 4 steps, then resumed
+        cfg = load_config(TeacherConfig, None, [f"data_root={fake_fashion_mnist}", f"out={tmp_path / run}",
+                                                f"export={tmp_path / (run + '_export')}", f"steps={steps}",
+                                                "batch_size=8", "checkpoint_every=2", "warmup_steps=2", *dit])
+        train_teacher(cfg)
+    a, b = (load_denoiser(tmp_path / f"{run}_export") for run in ("a", "b"))
+    assert type(a).__name__ == "DiTTransformer2DModel" and a.config.num_embeds_ada_norm == 10
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert load_scheduler(tmp_path / "a_export").config.beta_schedule == "squaredcos_cap_v2"  # beside the model
+
+
 def test_frechet_distance_orders_distributions():
     torch.manual_seed(0)
     extractor = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8))

@@ -34,12 +34,12 @@ def runs(tmp_path_factory):
 
 def test_distillation_beats_rtn_on_every_block_and_on_samples(runs):
     from qdistill.data.calibration_set import load_shards, to_model_inputs
-    from qdistill.data.model_folder import load_unet
+    from qdistill.data.model_folder import load_denoiser
     from qdistill.evaluation.fidelity import block_output_mse
     from qdistill.quantizers import find_blocks
     from qdistill.export import load_quantized
 
-    fp = load_unet(TEACHER).eval()
+    fp = load_denoiser(TEACHER).eval()
     rtn, bkd = load_quantized(runs / "rtn" / "quantized"), load_quantized(runs / "bkd" / "quantized")
     held_out = load_shards(runs / "held-out")
     batches = [to_model_inputs(held_out[a:a + 40]) for a in range(0, len(held_out), 40)]

@@ -15,7 +15,7 @@ from qdistill.configs import load_config
 from qdistill.configs.schema import TrajectoryConfig
 from qdistill.data.calibration import record_calibration_set
 from qdistill.data.calibration_set import CalibrationSetError, load_shards, read_manifest, to_model_inputs
-from qdistill.data.model_folder import load_unet, model_hash
+from qdistill.data.model_folder import load_denoiser, model_hash
 from qdistill.data.prompts import load_prompts
 from qdistill.data.trajectories import random_steps
 
@@ -86,7 +86,7 @@ def test_manifest_round_trip_and_model_check(demo_pipeline_dir, tmp_path):
     assert manifest["scheduler"]["class"] == "DDIMScheduler" and manifest["num_rows"] == 3 * 2
     ds = load_shards(tmp_path / "t", model_hash=model_hash(demo_pipeline_dir))
     # the recorded noise prediction is the model's on the recorded input
-    unet = load_unet(demo_pipeline_dir).eval()
+    unet = load_denoiser(demo_pipeline_dir).eval()
     batch = ds[:3]
     with torch.no_grad():
         assert torch.allclose(unet(**to_model_inputs(batch)).sample, batch["noise_pred"], atol=1e-5)
@@ -157,7 +157,7 @@ def test_text_conditional_pipeline_with_guidance(tiny_sd_dir, tmp_path):
     by_id = {int(i): e for i, e in zip(ds["sample_id"][:], ds["encoder_hidden_states"][:])}
     assert torch.equal(by_id[0], by_id[3]) and not torch.equal(by_id[0], by_id[1])
     # guidance rows become a 2B batch [uncond, cond]; the guided FP prediction is reproduced from them
-    unet = load_unet(tiny_sd_dir).eval()
+    unet = load_denoiser(tiny_sd_dir).eval()
     batch = ds[:2]
     with torch.no_grad():
         uncond, text = unet(**to_model_inputs(batch)).sample.chunk(2)
@@ -191,7 +191,7 @@ def test_other_schedulers_record_model_inputs(demo_pipeline_dir, tmp_path, sched
     assert manifest["scheduler"]["class"] == {"ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler"}[scheduler]
     ds = load_shards(tmp_path / "t")
     assert len(ds) == 3 * 5 and len(set(ds["timestep"][:].tolist())) == 5
-    unet = load_unet(demo_pipeline_dir).eval()
+    unet = load_denoiser(demo_pipeline_dir).eval()
     with torch.no_grad():
         assert torch.allclose(unet(**to_model_inputs(ds[:3])).sample, ds[:3]["noise_pred"], atol=1e-5)
 

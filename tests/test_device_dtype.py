@@ -108,7 +108,7 @@ def test_trainer_below_the_engine_runs_in_float64_and_matches_float32(tmp_path):
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list
-    from qdistill.data.model_folder import load_unet
+    from qdistill.data.model_folder import load_denoiser
     from qdistill.trainer.distill import BlockDistiller
     from qdistill.trainer.recipes import recipe_phases
     from qdistill.trainer.student import build_student
@@ -120,7 +120,7 @@ def test_trainer_below_the_engine_runs_in_float64_and_matches_float32(tmp_path):
     shards = load_shard_list(cfg.trajectories)
     init_mse = {}
     for dtype in (torch.float32, torch.float64):
-        fp = load_unet(cfg.model).eval().to(dtype)
+        fp = load_denoiser(cfg.model).eval().to(dtype)
         student, blocks_fp, blocks_q = build_student(fp, cfg, shards, torch.device("cpu"))
         assert_all(student, dtype=dtype)
         distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, shards, cfg.distill, {}, tmp_path / "out",

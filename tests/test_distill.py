@@ -38,7 +38,7 @@ def built_student(args: list[str]):
     from qdistill.configs import load_config
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list
-    from qdistill.data.model_folder import load_unet
+    from qdistill.data.model_folder import load_denoiser
     from qdistill.trainer.student import build_student
 
     assert args[0] == "--config"
@@ -46,7 +46,7 @@ def built_student(args: list[str]):
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)  # as the run: the TPQ init's float sums depend on the threads
     try:
-        student, _, _ = build_student(load_unet(cfg.model).eval(), cfg, load_shard_list(cfg.trajectories),
+        student, _, _ = build_student(load_denoiser(cfg.model).eval(), cfg, load_shard_list(cfg.trajectories),
                                       torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)

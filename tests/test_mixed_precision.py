@@ -111,8 +111,8 @@ def test_sampling_switches_bits_per_step(mixed):
     class Switch(torch.nn.Module):  # what the schedule means, written out
         config = fp.config
 
-        def forward(self, x, t):
-            return (high if by_t[float(t)] else low)(x, t)
+        def forward(self, sample, timestep):  # called by name, as every diffusers denoiser
+            return (high if by_t[float(timestep.reshape(-1)[0])] else low)(sample, timestep)
 
     a = run_sampler(mix, scheduler, noise, STEPS)
     b = run_sampler(Switch(), scheduler, noise, STEPS)

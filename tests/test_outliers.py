@@ -195,9 +195,9 @@ def test_distillation_trains_the_branch_with_the_weights_and_export_reloads_the_
     rc, log = train_in_process(args)
     assert rc == 0, log
     trained = load_quantized(out / "quantized")
-    from qdistill.data.model_folder import load_unet
+    from qdistill.data.model_folder import load_denoiser
 
-    fresh = quantize_(load_unet(bench / "model"), QuantConfig(weight_bits=4, act_bits=4, low_rank=2,
+    fresh = quantize_(load_denoiser(bench / "model"), QuantConfig(weight_bits=4, act_bits=4, low_rank=2,
                                                               weight_group_size=8))
     metrics = json.loads((out / "metrics.json").read_text())
     first = [b["block"] for b in metrics["blocks"]]

@@ -29,7 +29,7 @@ def test_calibration_records_what_the_sdxl_pipeline_feeds_its_unet(sdxl):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     from qdistill.data.calibration_set import load_shards, read_manifest, to_model_inputs
-    from qdistill.data.trajectories import sample_shape, seeded_noise
+    from qdistill.data.trajectories import latent_shape, seeded_noise
 
     root, pipe_dir, _ = sdxl
     manifest = read_manifest(root / "traj")
@@ -44,7 +44,7 @@ def test_calibration_records_what_the_sdxl_pipeline_feeds_its_unet(sdxl):
     pipe.set_progress_bar_config(disable=True)
     seen = []
     pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
-    pipe(prompt=["a red shoe"], latents=seeded_noise([0], sample_shape(pipe.unet)), num_inference_steps=4,
+    pipe(prompt=["a red shoe"], latents=seeded_noise([0], latent_shape(pipe.unet)), num_inference_steps=4,
          guidance_scale=4.0, output_type="latent")
     args, theirs = seen[0]
     torch.testing.assert_close(ours["sample"], args[0], rtol=1e-5, atol=1e-5)

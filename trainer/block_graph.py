@@ -17,8 +17,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..denoisers import latent_name
 
-class _Lineage(TorchFunctionMode):
+
+class Lineage(TorchFunctionMode):
     """Labels tensors with the set of blocks their values derive from."""
 
     def __init__(self):
@@ -81,8 +83,8 @@ class BlockGraph:
 def trace_block_graph(model: nn.Module, blocks: list[nn.Module], model_kwargs: dict) -> BlockGraph | None:
     """The block graph of `model` on one forward of `model_kwargs`, or None when the blocks are not called once
     each in list order (then no block can be captured from carried outputs)."""
-    mode, order, reads, layouts = _Lineage(), [], {}, {}
-    batch = model_kwargs["sample"].shape[0]
+    mode, order, reads, layouts = Lineage(), [], {}, {}
+    batch = model_kwargs[latent_name(model)].shape[0]
 
     def pre(k):
         def hook(module, args, kwargs):

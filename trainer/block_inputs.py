@@ -18,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from ..denoisers import latent_name
 from ..devices import autocast
 from ..quantizers import Block, block_output, set_timesteps
 from .block_graph import BlockGraph
@@ -54,7 +55,7 @@ class BlockInputs:
         model, blocks = (self.teacher, self.fp) if teacher else (self.student, self.q)
         outputs = {}
         if self.graph is not None:
-            carried, batch = self.carried["teacher" if teacher else "student"], kwargs["sample"].shape[0]
+            carried, batch = self.carried["teacher" if teacher else "student"], kwargs[latent_name(model)].shape[0]
             for j in range(k):
                 if j in self.graph.reads[k]:
                     outputs[blocks[j]] = carried[j].select(rows)

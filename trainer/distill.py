@@ -135,7 +135,7 @@ class BlockDistiller:
                 order.append(local)
         assert torch.equal(torch.cat(order), rows), "rows must be grouped by shard, in shard order"
         batch = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        return cast_inputs(to_model_inputs(batch), self.device, self.dtype)
+        return cast_inputs(to_model_inputs(batch, self.teacher), self.device, self.dtype)
 
     def _block_inputs(self) -> BlockInputs:
         """Block calls for all of this rank's rows, chunk by chunk (a chunk is `batch_size` rows of one shard)."""

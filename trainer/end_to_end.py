@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ..data.calibration_set import COND_COLUMNS, read_manifest, shard_name
 from ..data.trajectories import Conditioning, record_trajectories
+from ..denoisers import noise_prediction
 from ..devices import autocast, cast_inputs
 from ..errors import ConfigError
 from ..files import atomic_write_bytes
@@ -75,7 +76,7 @@ class EndToEndDistiller:
         d = self.d
         kwargs = d._model_inputs(torch.cat([r + off for r, off in zip(rows, d.offsets)]), self.own)
         with torch.no_grad(), autocast(d.device, d.precision):
-            target = d.teacher(**kwargs).sample.float()
+            target = noise_prediction(d.teacher(**kwargs)).float()
         return {"args": (), "kwargs": kwargs, "target": target, "t": kwargs["timestep"]}
 
     def _own_inputs(self) -> list[dict]:

@@ -28,8 +28,8 @@ MIB = 2**20
 
 
 def meta_model(source: str) -> nn.Module:
-    """A diffusers UNet on the meta device from a model folder (its unet/config.json or config.json), a config
-    JSON file, or a name in qdistill.bench.unet_shapes.SHAPES."""
+    """A diffusers denoiser on the meta device from a model folder (its unet/ or transformer/config.json, or
+    config.json), a config JSON file, or a name in qdistill.bench.unet_shapes.SHAPES."""
     import diffusers
 
     from ..bench.unet_shapes import SHAPES
@@ -38,7 +38,8 @@ def meta_model(source: str) -> nn.Module:
         cls_name, config = SHAPES[source]
     else:
         path = Path(source)
-        for candidate in (path / "unet" / "config.json", path / "config.json", path):
+        for candidate in (path / "unet" / "config.json", path / "transformer" / "config.json", path / "config.json",
+                          path):
             if candidate.is_file():
                 break
         else:
@@ -56,20 +57,10 @@ def meta_model(source: str) -> nn.Module:
 
 
 def example_inputs(model: nn.Module, batch: int, device="meta") -> dict:
-    """One batch of model inputs of the model's shapes (meta tensors: shapes only)."""
-    cfg = model.config
-    s = cfg.sample_size
-    kw = {"sample": torch.zeros(batch, cfg.in_channels, s, s, device=device),
-          "timestep": torch.zeros(batch, device=device)}
-    if getattr(cfg, "cross_attention_dim", None):
-        kw["encoder_hidden_states"] = torch.zeros(batch, TEXT_TOKENS, cfg.cross_attention_dim, device=device)
-    if getattr(cfg, "addition_embed_type", None) == "text_time":
-        time_ids = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, time_ids, device=device),
-                                   "time_ids": torch.zeros(batch, 6, device=device)}
-    if getattr(cfg, "num_class_embeds", None):
-        kw["class_labels"] = torch.zeros(batch, dtype=torch.long, device=device)
-    return kw
+    """One batch of model inputs of the model's shapes (on the meta device: shapes only), CLIP-length text."""
+    from ..denoisers import example_inputs as inputs_of
+
+    return inputs_of(model, batch, text_tokens=TEXT_TOKENS, device=device)
 
 
 def _bytes(tree) -> int:

@@ -20,14 +20,14 @@ from ..quantizers.layer_precision import select_sensitive_layers, selection_summ
 logger = logging.getLogger(__name__)
 
 
-def init_batches(shards, rows: int, batch_size: int, device, dtype=torch.float32):
-    """About `rows` rows taken evenly from every shard (so all timesteps), as model-input batches on `device`
-    (floating inputs in `dtype`)."""
+def init_batches(shards, rows: int, batch_size: int, device, dtype=torch.float32, model=None):
+    """About `rows` rows taken evenly from every shard (so all timesteps), as batches of `model`'s inputs (a UNet's
+    when None) on `device` (floating inputs in `dtype`)."""
     per_shard = max(1, rows // len(shards))
     for shard in shards:
         idx = torch.linspace(0, len(shard) - 1, min(per_shard, len(shard))).round().long().tolist()
         for a in range(0, len(idx), batch_size):
-            yield cast_inputs(to_model_inputs(shard[idx[a:a + batch_size]]), device, dtype)
+            yield cast_inputs(to_model_inputs(shard[idx[a:a + batch_size]], model), device, dtype)
 
 
 def resolve_keep_sensitive(fp, quant, all_shards, device, init_rows: int, batch_size: int, num_train_timesteps: int,
@@ -45,8 +45,8 @@ def resolve_keep_sensitive(fp, quant, all_shards, device, init_rows: int, batch_
         torch.manual_seed(seed)  # RTN's activation-range subsample
         dtype = next(fp.parameters()).dtype
         resolved, report = select_sensitive_layers(
-            fp, quant, init_batches(all_shards, init_rows, batch_size, device, dtype),
-            init_batches(all_shards, quant.keep_sensitive_rows, batch_size, device, dtype), num_train_timesteps)
+            fp, quant, init_batches(all_shards, init_rows, batch_size, device, dtype, fp),
+            init_batches(all_shards, quant.keep_sensitive_rows, batch_size, device, dtype, fp), num_train_timesteps)
         logger.info(selection_summary(report))
         record.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(record, json.dumps({"layer_bits": resolved.layer_bits, **report}, indent=2))
@@ -63,13 +63,13 @@ def build_student(fp, cfg, all_shards, device, calibrate: bool = True, rank: int
     torch.manual_seed(cfg.distill.seed)
     student = quantize_(copy.deepcopy(fp), cfg.quant)
     dtype = next(fp.parameters()).dtype
-    example = next(init_batches(all_shards[:1], 2, 2, device, dtype))
+    example = next(init_batches(all_shards[:1], 2, 2, device, dtype, fp))
     blocks_fp, blocks_q = find_blocks(fp, example), find_blocks(student, example)
     if calibrate:
         if rank == 0:  # the tables see the activations of the precision the run trains in
             with autocast(device, cfg.precision):
                 calibrate_(student, init_batches(all_shards, cfg.distill.init_rows, cfg.distill.batch_size, device,
-                                                 dtype))
+                                                 dtype, fp))
         if world_size > 1:
             share_activation_tables(student, rank)
     return student, blocks_fp, blocks_q
