@@ -65,11 +65,11 @@ def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, gui
     pooled projections; Flux's distilled guidance (`guidance_scale`, an input of the model, not CFG)."""
     device = device or torch.device("cpu")
     pipe = _load_text_pipeline(model)
-    if latent_name(unet) != "sample":
-        return _transformer_text_conditioning(pipe, unet, prompts, first_seed, guidance_scale, negative_prompt, device)
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).to(device)
+    if latent_name(unet) != "sample":
+        return _transformer_text_conditioning(pipe, unet, prompts, first_seed, guidance_scale, negative_prompt, device)
     guided = guidance_scale != 1.0
     text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if text_time:  # SDXL's default micro-conditioning: generated at full size, uncropped
@@ -104,9 +104,6 @@ def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, gui
 def _transformer_text_conditioning(pipe, model, prompts, first_seed, guidance_scale, negative_prompt, device):
     """PixArt (embeddings, caption mask), SD3 (embeddings, pooled) and Flux (embeddings, pooled, distilled guidance)
     from their pipelines' own `encode_prompt`."""
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to(device)
     takes = set(inspect.signature(pipe.encode_prompt).parameters)
     flux = is_flux(model)
     guided = guidance_scale != 1.0 and not flux  # Flux's guidance is an input of the model

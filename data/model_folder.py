@@ -10,6 +10,7 @@ import diffusers
 
 from ..errors import ModelFolderError  # noqa: F401 (raised here; defined with the other user-facing errors)
 from ..files import sha256_tree, shipped
+from .trajectories import is_flow_matching
 
 
 DENOISER_FOLDERS = ("unet", "transformer")  # where pipelines keep their denoiser
@@ -70,7 +71,7 @@ def convert_scheduler(base, kind: str | None):
         return base
     if kind not in SCHEDULER_KINDS:
         raise ModelFolderError(f"unknown scheduler kind {kind!r}; choose one of {sorted(SCHEDULER_KINDS)} or 'own'")
-    if "FlowMatch" in type(base).__name__:
+    if is_flow_matching(base):
         raise ModelFolderError(f"{type(base).__name__} is a flow-matching scheduler: as a {kind} scheduler it would "
                                "sample another schedule (a linear-β one); set scheduler=own to sample with it")
     return getattr(diffusers, SCHEDULER_KINDS[kind]).from_config(base.config)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from ..denoisers import noise_prediction
 from ..progress import progress
 from ..quantizers import QUANT_LAYERS, QuantAttnProcessor
 from ..quantizers.mixed_precision import layer_macs
@@ -59,8 +60,7 @@ def _switch(units: list[Unit], on: Callable[[Unit], bool]) -> None:
 
 
 def _prediction(model: nn.Module, kwargs: dict) -> torch.Tensor:
-    out = model(**kwargs)
-    return out[0] if isinstance(out, tuple) else out.sample
+    return noise_prediction(model(**kwargs))
 
 
 class _BucketMeans:

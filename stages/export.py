@@ -37,7 +37,7 @@ from ..denoisers import model_kwargs, num_classes, text_dim
 from ..data.calibration import text_conditioning
 from ..data.calibration_set import read_manifest
 from ..data.prompts import load_prompts
-from ..data.trajectories import Conditioning, class_labels, record_trajectories, seed_batches
+from ..data.trajectories import Conditioning, class_labels, is_flow_matching, record_trajectories, seed_batches
 from ..devices import autocast, resolve_device
 from ..errors import ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
@@ -123,7 +123,7 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
         raise ExportError(f"the source model {meta['source_model']} changed since the run (its hash differs from the "
                           "one the run recorded): its trajectories would not measure this quantized model")
     own = load_scheduler(meta["source_model"])
-    if "FlowMatch" in type(own).__name__:
+    if is_flow_matching(own):
         raise ExportError(f"PTQD's correction (noise_correction, mixed_precision) is derived for DDPM-style "
                           f"ε-prediction samplers; {meta['source_model']} samples with {type(own).__name__} (flow "
                           "matching), for which it is not derived")
