@@ -69,14 +69,19 @@ def is_flux(model: nn.Module) -> bool:
     return "img_ids" in forward_parameters(model)
 
 
+def latent_size(model: nn.Module, size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+    """The latent's height and width (before Flux's 2×2 packing): `size`, else the config's `sample_size`, else
+    64 (Flux has none: 64 latents are 512 px through its VAE)."""
+    size = size if size is not None else getattr(model.config, "sample_size", None) or 64
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def latent_shape(model: nn.Module, size: int | tuple[int, int] | None = None) -> tuple[int, ...]:
     """The shape of one sample's latent input (without the batch): [C, H, W], or Flux's packed [H/2·W/2, C]."""
-    cfg = model.config
-    size = size if size is not None else getattr(cfg, "sample_size", None) or 64
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = latent_size(model, size)
     if is_flux(model):
-        return ((h // 2) * (w // 2), cfg.in_channels)
-    return (cfg.in_channels, h, w)
+        return ((h // 2) * (w // 2), model.config.in_channels)
+    return (model.config.in_channels, h, w)
 
 
 def smallest_size(model: nn.Module) -> int:

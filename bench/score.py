@@ -6,6 +6,8 @@ with its source model's scheduler).
     python -m qdistill.bench.score --model bench/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
         --out bench/teacher_record.json --grid bench/teacher_samples.png
     python -m qdistill.bench.score --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
+    python -m qdistill.bench.score --model bench/dit-teacher --num-samples 1000 --out bench/dit_teacher_record.json \
+        --grid bench/dit_teacher_samples.png      # class-conditional: each seed samples label seed % 10
 """
 import argparse
 import json

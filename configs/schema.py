@@ -99,9 +99,12 @@ class TrajectoryConfig:
     prompts: str | None = None  # text-conditional models: text file, JSONL or saved datasets folder
     negative_prompt: str = ""  # "": the pipeline's own unconditional embedding (as `qdistill eval` samples)
     guidance_scale: float = 1.0  # > 1: classifier-free guidance, the negative embedding is recorded too
+    sample_size: int = 0  # latent height = width; 0: the model config's sample_size (Flux has none: 64, 512 px)
     overwrite: bool = False
 
     def __post_init__(self):
+        if self.sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0 (0: the model's), got {self.sample_size}")
         for key in ("num_steps", "num_samples", "batch_size", "every", "random_per_sample"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -300,9 +303,12 @@ class EvalConfig:
     clip: str | None = None  # a local CLIP model folder: CLIP score (text-conditional models)
     prompts: str | None = None  # text file, one prompt per line (text-conditional models)
     guidance_scale: float = 7.5
+    sample_size: int = 0  # latent height = width; 0: the model config's sample_size (Flux: 64); as calibrated
     cache_dir: str | None = None  # FP reference cache; default ~/.cache/qdistill/fp_reference
 
     def __post_init__(self):
+        if self.sample_size < 0:
+            raise ValueError(f"sample_size must be >= 0 (0: the model's), got {self.sample_size}")
         for key in ("steps", "num_samples", "batch_size", "fidelity_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")

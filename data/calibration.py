@@ -18,7 +18,7 @@ from ..progress import progress
 from .calibration_set import MANIFEST, SHARDS, rows_from_records, shard_name, write_manifest, write_shard
 from .model_folder import ModelFolderError, load_denoiser, load_pipeline, load_scheduler, model_hash, resolve
 from .prompts import load_prompts
-from ..denoisers import forward_parameters, is_flux, latent_name, latent_shape, num_classes, text_dim
+from ..denoisers import forward_parameters, is_flux, latent_name, latent_shape, latent_size, num_classes, text_dim
 from .trajectories import (Conditioning, class_labels, random_steps, record_trajectories, seed_batches,
                            uniform_steps)
 
@@ -54,11 +54,11 @@ def conditioning_source(cfg, unet, device=None):
         raise ModelFolderError(f"{cfg.model}: {type(unet).__name__} is text-conditional; set prompts=FILE "
                                "(text, JSONL or a saved datasets folder)")
     return text_conditioning(cfg.model, unet, load_prompts(cfg.prompts), cfg.seed, cfg.guidance_scale,
-                             cfg.negative_prompt, device)
+                             cfg.negative_prompt, device, getattr(cfg, "sample_size", 0) or None)
 
 
 def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, guidance_scale: float,
-                      negative_prompt: str, device=None):
+                      negative_prompt: str, device=None, size: int | None = None):
     """(batch_seeds → Conditioning, kind) from the pipeline folder's own text encoders: seed s gets prompt
     (s - first_seed) mod len(prompts). What is recorded follows the model's inputs: text embeddings (and their
     negatives under guidance); SDXL's pooled embeddings and time_ids; PixArt's caption masks; SD3's and Flux's
@@ -73,7 +73,7 @@ def text_conditioning(model: str, unet, prompts: list[str], first_seed: int, gui
     guided = guidance_scale != 1.0
     text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
     if text_time:  # SDXL's default micro-conditioning: generated at full size, uncropped
-        _, h, w = latent_shape(unet)
+        h, w = latent_size(unet, size)
         scale = getattr(pipe, "vae_scale_factor", 8)
         time_ids = torch.tensor([h * scale, w * scale, 0, 0, h * scale, w * scale], dtype=torch.float32)
 
@@ -157,6 +157,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         logger.info(f"recording on {device}, {cfg.precision}")
     scheduler = load_scheduler(cfg.model, cfg.scheduler)
     cond_for, conditioning = conditioning_source(cfg, unet, device)
+    size = cfg.sample_size or None
     seeds = list(range(cfg.seed, cfg.seed + cfg.num_samples))
     batches = seed_batches(seeds, cfg.batch_size)
     mine = [i for i in range(len(batches)) if i % world_size == rank]
@@ -175,7 +176,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
 
         with autocast(device, cfg.precision):
             _, records = record_trajectories(unet, scheduler, chunk, cfg.num_steps, len(chunk), cfg.eta, None,
-                                             batch_cond if cond_for else None)
+                                             batch_cond if cond_for else None, size)
         keep = {s: selected_steps(cfg, s) for s in chunk}
         write_shard(out, i, rows_from_records(records, keep, conds))
     seconds = time.time() - t0
@@ -191,7 +192,9 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         "selection": {"mode": cfg.selection, "every": cfg.every, "random_per_sample": cfg.random_per_sample},
         "conditioning": conditioning, "guidance_scale": cfg.guidance_scale,
         "prompts": cfg.prompts, "negative_prompt": cfg.negative_prompt,
-        "shapes": {"x_t": list(latent_shape(unet)), "noise_pred": list(latent_shape(unet))}, "dtype": "float32", "precision": cfg.precision,
+        "sample_size": latent_size(unet, size)[0],
+        "shapes": {"x_t": list(latent_shape(unet, size)), "noise_pred": list(latent_shape(unet, size))},
+        "dtype": "float32", "precision": cfg.precision,
         "recorded_by": {"world_size": world_size, "seconds_rank0": seconds},
     }
     return write_manifest(out, len(batches), info)

@@ -187,12 +187,13 @@ class StepRecord:
 def record_trajectories(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int = 16,
                         eta: float = 0.0, keep_steps: Sequence[int] | None = None,
                         cond_for: Callable[[list[int]], Conditioning | None] | None = None,
-                        ) -> tuple[torch.Tensor, list[StepRecord]]:
+                        size: int | None = None) -> tuple[torch.Tensor, list[StepRecord]]:
     """Run the sampler on `seeds` in fixed batches; return the final samples and the records of the steps
-    in `keep_steps` (all steps when None). `cond_for(batch_seeds)` gives each batch's conditioning."""
+    in `keep_steps` (all steps when None). `cond_for(batch_seeds)` gives each batch's conditioning; `size` is the
+    latent's height and width (default the model's, `denoisers.latent_size`)."""
     keep = None if keep_steps is None else set(keep_steps)
     finals, records = [], []
-    shape = latent_shape(unet)
+    shape = latent_shape(unet, size)
     for chunk in seed_batches(seeds, batch_size):
 
         def on_step(i, t, model_input, eps):

@@ -13,7 +13,7 @@ import os
 from typing import Sequence
 
 import torch
-from ..denoisers import latent_shape, num_classes, predicted_noise
+from ..denoisers import latent_shape, latent_size, num_classes, predicted_noise
 from ..data.trajectories import (Conditioning, class_labels, run_sampler, seed_batches, seeded_noise,
                                  step_generator)
 from ..distributed_env import rank_environment
@@ -41,18 +41,25 @@ def from_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_batch(unet, scheduler, seeds: Sequence[int], num_steps: int, eta: float = 0.0, pipeline=None,
-                 prompts: Sequence[str] | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+                 prompts: Sequence[str] | None = None, guidance_scale: float = 1.0, size: int | None = None
+                 ) -> torch.Tensor:
     """Final samples of one seed batch in [-1, 1]. A class-conditional model samples each seed's own label
-    (balanced over the classes, as calibration records them)."""
+    (balanced over the classes, as calibration records them). `size`: the latent's height and width (default
+    the model's, `denoisers.latent_size`)."""
     generator = step_generator(seeds)
-    noise = seeded_noise(seeds, latent_shape(unet))
+    noise = seeded_noise(seeds, latent_shape(unet, size))
     if pipeline is None:
         n = num_classes(unet)
         cond = Conditioning(class_labels=class_labels(seeds, n)) if n else None
         return run_sampler(unet, scheduler, noise, num_steps, eta, generator=generator, cond=cond)
     setattr(pipeline, "transformer" if hasattr(pipeline, "transformer") else "unet", unet)
     pipeline.scheduler = scheduler
-    extra = {"eta": eta} if "eta" in inspect.signature(pipeline.__call__).parameters else {}
+    params = inspect.signature(pipeline.__call__).parameters
+    extra = {"eta": eta} if "eta" in params else {}
+    if "height" in params:  # the image size of the latents given (a pipeline's default may be another size)
+        extra["height"], extra["width"] = (n * getattr(pipeline, "vae_scale_factor", 8) for n in latent_size(unet, size))
+    if "use_resolution_binning" in params:  # PixArt would map the size to an aspect-ratio bin: keep the latents'
+        extra["use_resolution_binning"] = False
     out = pipeline(prompt=[prompts[s % len(prompts)] for s in seeds], latents=noise, num_inference_steps=num_steps,
                    guidance_scale=guidance_scale, generator=generator, output_type="pt", **extra)
     return out.images * 2 - 1  # "pt" output: [B, C, H, W] in [0, 1]

@@ -86,7 +86,7 @@ class QuantAttnProcessor(nn.Module):
 
     def _attention(self, attn, query, key, value, mask):
         if self.integer and not torch.is_grad_enabled():
-            out = integer_attention.attend(self, attn, query, key, value, mask)
+            out = integer_attention.attend(self.probs_quantizer, attn.get_attention_scores, query, key, value, mask)
             if out is not None:
                 return out
         rows = self.query_rows(query.shape[0], query.shape[1], key.shape[1])

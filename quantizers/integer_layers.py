@@ -349,6 +349,9 @@ def to_integer(model: nn.Module, linear_kernel: str | None = None) -> dict:
         elif isinstance(getattr(module, "processor", None), QuantAttnProcessor):
             module.processor.integer = True  # softmax(QKᵀ)·V on the probabilities' codes: integer_attention.py
             report["attention"].append(name)
+        elif getattr(module, "sdpa_quantizers", None) is not None:  # SD3/Flux: the processor's own SDPA calls
+            module.sdpa_quantizers.integer = True
+            report["attention"].append(name)
     model.to(memory_format=torch.channels_last)
     model.qdistill_layout_hook = model.register_forward_pre_hook(channels_last_inputs, with_kwargs=True)
     for why, names in report["simulated"].items():

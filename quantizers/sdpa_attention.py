@@ -10,6 +10,8 @@ is exactly what the processor computed (after RoPE, QK-norm and the joint concat
 operands are the ones an integer kernel would multiply.
 
 With every quantizer off the call goes to SDPA unchanged, so the wrapped module equals the original exactly.
+Integer mode (`to_integer` sets `integer`) runs the softmax on the probabilities' codes a few heads at a time, as
+QuantAttnProcessor does (integer_attention.py).
 A processor that computes attention without `F.scaled_dot_product_attention` (a flash backend of
 `dispatch_attention_fn`, a custom kernel) would silently stay unquantized: that is an error on its first call.
 """
@@ -23,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+from . import integer_attention
 from .attention import query_rows
 from .temporal import TemporalQuantizer
 
@@ -46,6 +49,7 @@ class QuantSDPA(nn.Module):
                  chunk_mb: float = 0, device=None, dtype=None):
         super().__init__()
         self.chunk_mb = chunk_mb
+        self.integer = False  # set by integer mode (to_integer): inference on the probabilities' codes
         like = {"device": device, "dtype": dtype}
         self.q_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
         self.k_quantizer = TemporalQuantizer(bits, symmetric, per_timestep, **like)
@@ -99,6 +103,10 @@ class QuantSDPA(nn.Module):
             mask = attn_mask if attn_mask.dtype != torch.bool else \
                 torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(~attn_mask, float("-inf"))
             bias = mask if bias is None else bias + mask
+        if self.integer and not torch.is_grad_enabled():
+            out = self._attend_codes(query, key, value, bias, scale)
+            if out is not None:
+                return out
         rows = query_rows(self.chunk_mb, query.shape[:-2].numel(), query.shape[-2], key.shape[-2])
         if rows >= query.shape[-2]:
             return self._attend(query, key, value, bias, scale)
@@ -116,3 +124,25 @@ class QuantSDPA(nn.Module):
             scores = scores + bias
         return self.probs_quantizer(scores.softmax(dim=-1)) @ value
 
+
+    def _attend_codes(self, query, key, value, bias, scale):
+        """integer_attention.attend on [batch·heads, tokens, dim] views; None where it does not apply."""
+        if query.dim() != 4:
+            return None
+        batch, heads, queries, keys = *query.shape[:2], query.shape[-2], key.shape[-2]
+        mask = None
+        if bias is not None:  # broadcast over batch and heads (a small copy: masks have 1 or `queries` rows)
+            bias = bias.expand(batch, heads, *bias.shape[-2:]) if bias.dim() <= 4 else None
+            if bias is None or bias.shape[-1] != keys:
+                return None
+            mask = bias.reshape(batch * heads, *bias.shape[-2:])
+
+        def probabilities(q, k, m):
+            scores = torch.bmm(q, k.transpose(-1, -2)).mul_(scale) if m is None else \
+                torch.baddbmm(m.to(q.dtype), q, k.transpose(-1, -2), alpha=scale)
+            return scores.softmax(dim=-1)
+
+        out = integer_attention.attend(self.probs_quantizer, probabilities, query.reshape(batch * heads, queries, -1),
+                                       key.reshape(batch * heads, keys, -1), value.reshape(batch * heads, keys, -1),
+                                       mask)
+        return None if out is None else out.reshape(batch, heads, queries, -1)

@@ -88,6 +88,8 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         pipeline = load_pipeline(cfg.reference)
         pipeline.set_progress_bar_config(disable=True)
         pipe_kwargs = {"pipeline": pipeline, "prompts": prompts, "guidance_scale": cfg.guidance_scale}
+    if cfg.sample_size:  # the latent size calibration used (another than the model's default)
+        pipe_kwargs["size"] = cfg.sample_size
     bits = bits_tag(meta["quant_config"]["weight_bits"], meta["quant_config"]["act_bits"])
     sampler = f"{cfg.scheduler} {cfg.steps} steps eta={cfg.eta}" + (" + PTQD noise correction" if ptqd else "")
     if ptqd:
@@ -112,7 +114,8 @@ def evaluate(cfg: EvalConfig) -> dict | None:
                     "seeds": [cfg.seed, cfg.num_samples], "batch_size": cfg.batch_size,
                     "fidelity_samples": cfg.fidelity_samples, "guidance_scale": cfg.guidance_scale,
                     "precision": cfg.precision,
-                    "prompts": hashlib.sha256("\n".join(pipe_kwargs.get("prompts", [])).encode()).hexdigest()}
+                    "prompts": hashlib.sha256("\n".join(pipe_kwargs.get("prompts", [])).encode()).hexdigest(),
+                    **({"sample_size": cfg.sample_size} if cfg.sample_size else {})}  # earlier caches keep their keys
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         key = reference_key(settings)
         cached = load_reference(cache_dir, key)
@@ -203,7 +206,7 @@ def compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs) -> dict
             per_step = noise_pred_mse_per_step(qunet, calls, cfg.steps)
         metrics["noise_pred_mse_mean"] = sum(per_step.values()) / len(per_step)
         metrics["noise_pred_mse_per_step"] = per_step
-    if cfg.clip and pipe_kwargs:
+    if cfg.clip and "prompts" in pipe_kwargs:
         from qdistill.evaluation.clip import clip_score
 
         prompts = [pipe_kwargs["prompts"][s % len(pipe_kwargs["prompts"])]

@@ -267,8 +267,8 @@ def test_the_flow_matching_sampler_equals_the_diffusers_pipeline(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_integer_mode_runs_the_transformers_linears_on_int8_kernels(family):
     """W8A8: every quantized Linear on oneDNN's int8 kernel with its timestep's rows; the whole model within 2 % of
-    simulated mode (the tolerance the UNets are held to). Attention under the family's own processor (SD3, Flux)
-    stays simulated; DiT/PixArt attention runs on the probabilities' codes, as in UNets."""
+    simulated mode (the tolerance the UNets are held to). Every family's attention is in integer mode: DiT/PixArt
+    through qdistill's processor, SD3/Flux through the SDPA calls of their own processors."""
     from qdistill.quantizers.integer_layers import to_integer
 
     fp = build_transformer(family)
@@ -280,9 +280,73 @@ def test_integer_mode_runs_the_transformers_linears_on_int8_kernels(family):
         integer = noise_prediction(q(**kw))
     linears = [n for n, m in fp.named_modules() if isinstance(m, nn.Linear)]
     assert set(linears) <= set(report["integer"]), set(linears) - set(report["integer"])
-    assert bool(report["attention"]) == (family in ("dit", "pixart"))
+    attention = [n for n, m in q.named_modules() if hasattr(m, "processor")]
+    assert sorted(report["attention"]) == sorted(attention) and attention
     err = (integer - simulated).pow(2).mean().sqrt() / simulated.pow(2).mean().sqrt()
     assert err < 0.02, err
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_integer_attention_under_the_familys_own_processor_runs_on_codes(family, monkeypatch):
+    """One timestep per batch (how sampling calls the model): in integer mode every attention module's SDPA call
+    takes the codes path (softmax on the probabilities' codes, a few heads at a time), and the model's output
+    equals the same integer model with simulated attention within float rounding."""
+    from qdistill.quantizers import integer_attention
+    from qdistill.quantizers.integer_layers import to_integer
+
+    fp = build_transformer(family)
+    kw = example_inputs(fp, 2)  # one timestep for the batch
+    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), [kw])
+    wrapped = [m for m in q.modules() if isinstance(m, QuantSDPA)]
+    taken = []
+    real_attend = integer_attention.attend
+    monkeypatch.setattr(integer_attention, "attend", lambda *a: taken.append(out := real_attend(*a)) or out)
+    with torch.no_grad():
+        to_integer(q, linear_kernel="onednn")
+        for m in wrapped:
+            m.integer = False
+        simulated = noise_prediction(q(**kw))
+        assert not taken
+        for m in wrapped:
+            m.integer = True
+        integer = noise_prediction(q(**kw))
+        for m in wrapped:
+            m.probs_quantizer.enabled = False
+        unquantized_probs = noise_prediction(q(**kw))
+    assert len(taken) >= len(wrapped) > 0 and all(out is not None for out in taken[:len(wrapped)])
+    torch.testing.assert_close(integer, simulated, rtol=1e-4, atol=1e-5)
+    assert (unquantized_probs - integer).abs().max() > 1e-6  # the probabilities' quantizer is in the computation
+
+
+def test_quant_sdpa_integer_path_equals_simulated_with_a_mask():
+    """The integer path broadcasts a boolean key mask over batch and heads like SDPA does, and its result is the
+    simulated path's within float rounding; a masked key gets no probability in either."""
+    import torch.nn.functional as F
+
+    class Attend(nn.Module):
+        def forward(self, q, k, v, mask):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    attend = Attend()
+    sdpa = QuantSDPA(8, per_timestep=False)
+    with torch.no_grad():
+        for quantizer in (sdpa.q_quantizer, sdpa.k_quantizer, sdpa.v_quantizer):
+            quantizer.delta.fill_(0.03), quantizer.zero.fill_(128)
+        sdpa.probs_quantizer.delta.fill_(1 / 255), sdpa.probs_quantizer.zero.fill_(0)
+    sdpa.install(attend)
+    with torch.no_grad():
+        simulated = attend(q, k, v, mask)
+        sdpa.integer = True
+        integer = attend(q, k, v, mask)
+        v_masked = v.clone()
+        v_masked[1, :, 3:] = 1e3  # values behind masked keys must not reach the output
+        assert torch.equal(attend(q, k, v_masked, mask)[1], integer[1])
+    torch.testing.assert_close(integer, simulated, rtol=1e-5, atol=1e-6)
+    assert (integer - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() > 1e-4  # quantized
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +401,8 @@ def _tiny_t5(folder, d_model: int):
 @pytest.fixture(scope="module", params=["pixart", "flux"])
 def t5_pipeline(request, tmp_path_factory):
     """A tiny PixArt-α pipeline (T5, caption masks, learned variance, DDIM) or Flux pipeline (CLIP pooled + T5,
-    packed latents, distilled guidance, dynamic shifting), calibrated from its folder."""
+    packed latents, distilled guidance, dynamic shifting), calibrated from its folder at a 16×16 latent
+    (`sample_size`; the model's default would be 8 for this PixArt, 64 for Flux)."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -370,19 +435,23 @@ def t5_pipeline(request, tmp_path_factory):
     prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
     assert qdistill(["calibrate", "--config", "calibrate", f"model={root / 'pipe'}", f"out={root / 'traj'}",
                      f"prompts={prompts}", guidance, scheduler, "num_samples=4", "batch_size=2", "num_steps=4",
-                     "every=2"]) == 0
+                     "every=2", f"sample_size={SIZE}"]) == 0
     return family, root
+
+
+SIZE = 16  # the t5 pipelines' calibration and eval latent size
 
 
 def test_calibration_records_what_pixart_and_flux_pipelines_feed_their_transformer(t5_pipeline):
     """Step 0 of seed 0 against the pipeline's own call for the same prompt and latents: PixArt's guidance batch of
     T5 embeddings and caption masks; Flux's packed latents, σ timestep, pooled CLIP projection, token positions
     and distilled guidance."""
-    from qdistill.data.calibration_set import load_shards, to_model_inputs
+    from qdistill.data.calibration_set import load_shards, read_manifest, to_model_inputs
     from qdistill.data.model_folder import load_pipeline
     from qdistill.data.trajectories import latent_shape, seeded_noise
 
     family, root = t5_pipeline
+    assert read_manifest(root / "traj")["sample_size"] == SIZE
     pipe = load_pipeline(root / "pipe")
     rows = load_shards(root / "traj")
     row = next(i for i in range(len(rows)) if int(rows[i]["sample_id"]) == 0 and int(rows[i]["step"]) == 0)
@@ -391,10 +460,11 @@ def test_calibration_records_what_pixart_and_flux_pipelines_feed_their_transform
     pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(bound_inputs(m, args, kwargs)),
                                                with_kwargs=True)
     pipe.set_progress_bar_config(disable=True)
-    noise = seeded_noise([0], latent_shape(pipe.transformer))  # 64 latents: 64 px with this one-level VAE
+    noise = seeded_noise([0], latent_shape(pipe.transformer, SIZE))  # 16 latents: 16 px with this one-level VAE
+    assert noise.shape[1:] == ((64, 16) if family == "flux" else (4, 16, 16))  # Flux packs 2×2 latents per token
     extra = {"use_resolution_binning": False} if family == "pixart" else {}
     pipe(prompt=["a red shoe"], latents=noise, num_inference_steps=4, guidance_scale=4.0 if family == "pixart" else 3.5,
-         output_type="latent", height=64, width=64, **extra)
+         output_type="latent", height=SIZE, width=SIZE, **extra)
     theirs = seen[0]
     keys = ["hidden_states", "timestep", "encoder_hidden_states"] + (
         ["encoder_attention_mask"] if family == "pixart" else ["pooled_projections", "guidance", "img_ids", "txt_ids"])
@@ -451,3 +521,34 @@ def test_an_sd3_pipeline_trains_on_its_recorded_text_conditioning(sd3_pipeline):
     # PTQD's correction is not derived for flow matching: refused by name, nothing written
     assert qdistill(["export", "--config", "ptqd", f"run={root / 'run'}", f"out={root / 'ptqd'}"]) == 2
     assert not (root / "ptqd").exists()
+
+
+def test_pixart_and_flux_pipelines_train_export_and_eval_through_their_pipelines(t5_pipeline):
+    """PixArt-α (T5 embeddings and caption masks, learned variance, DDIM) and Flux (packed latents, σ timesteps,
+    pooled CLIP, token ids, distilled guidance, its own flow-matching scheduler): calibrate (the fixture) → train
+    → export → eval, where eval samples the export and the FP model through the family's own diffusers pipeline
+    on the same seeds."""
+    import json
+
+    from conftest import REPO, train_in_process
+    from qdistill.cli import main as qdistill
+
+    family, root = t5_pipeline
+    rc, log = train_in_process(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={root / 'pipe'}",
+                                f"trajectories={root / 'traj'}", f"out={root / 'run'}", "quant.weight_bits=8",
+                                "quant.act_bits=8", "distill.iterations=2", "distill.batch_size=4",
+                                "distill.init_rows=8", "threads=1"])
+    assert rc == 0, log
+    assert "conditional model" in log
+    assert qdistill(["export", f"run={root / 'run'}", f"out={root / 'export'}"]) == 0
+    guidance, scheduler = ("guidance_scale=4.0", "scheduler=ddim") if family == "pixart" else \
+        ("guidance_scale=3.5", "scheduler=own")
+    assert qdistill(["eval", f"model={root / 'export'}", f"reference={root / 'pipe'}", f"prompts={root / 'prompts.txt'}",
+                     guidance, scheduler, "num_samples=2", "batch_size=2", "steps=4", "fidelity_samples=2",
+                     f"out={root / 'eval'}", f"cache_dir={root / 'cache'}", "mode=integer", f"sample_size={SIZE}"]) == 0
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert metrics["psnr_db"] > 15, metrics  # decoded by the family's VAE, W8A8 on int8 kernels against FP
+    from PIL import Image
+
+    # one row of samples, 1 px of margin each side: 16 px images (this VAE keeps the size), not the model default
+    assert Image.open(root / "eval" / "samples.png").size[1] == SIZE + 2

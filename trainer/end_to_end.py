@@ -200,6 +200,7 @@ def _sample_shard(model, scheduler, shard, manifest: dict, device, precision: st
     steps = sorted(set(cols["step"].tolist()))
     with torch.no_grad(), autocast(device, precision):
         _, records = record_trajectories(model, scheduler, seeds, manifest["num_steps"], len(seeds),
-                                         manifest.get("eta", 0.0), steps, (lambda chunk: cond) if cond else None)
+                                         manifest.get("eta", 0.0), steps, (lambda chunk: cond) if cond else None,
+                                         manifest.get("sample_size"))
     at = {(r.step, s): r.sample[j] for r in records for j, s in enumerate(r.seeds)}
     return torch.stack([at[(step, seed)] for step, seed in zip(cols["step"].tolist(), ids)]).float()
