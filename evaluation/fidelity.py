@@ -55,21 +55,25 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, nrow: int = 8) -> P
     return path
 
 
-def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: int = 16, eta: float = 0.0
-                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Sample FP and quantized models from the same seeds with the same sampler (unconditional models).
-    Returns both final batches and the metrics: mean PSNR of the quantized samples against FP, and the
-    per-step noise-prediction MSE on the FP trajectory's inputs."""
+def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: int = 16, eta: float = 0.0,
+                  cond_for=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Sample FP and quantized models from the same seeds with the same sampler (unconditional models, or
+    class-conditional ones with `cond_for(batch_seeds)` giving each batch's labels). Returns both final batches
+    and the metrics: mean PSNR of the quantized samples against FP, and the per-step noise-prediction MSE on the
+    FP trajectory's inputs."""
     from ..data.trajectories import (latent_shape, model_kwargs, record_trajectories, run_sampler, seed_batches,
                                      seeded_noise, step_generator)
 
     seeds = list(seeds)
-    fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta)
+    fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta,
+                                               cond_for=cond_for)
     shape = latent_shape(fp_unet)
     q_final = torch.cat([run_sampler(qunet, scheduler, seeded_noise(chunk, shape), num_steps, eta,
-                                     generator=step_generator(chunk))
+                                     generator=step_generator(chunk), cond=cond_for(chunk) if cond_for else None)
                          for chunk in seed_batches(seeds, batch_size)])
-    eps_mse = noise_pred_mse(qunet, ((r.step, (), model_kwargs(qunet, r.sample, r.timestep), r.noise_pred) for r in fp_records))
+    eps_mse = noise_pred_mse(qunet, ((r.step, (), {**model_kwargs(qunet, r.sample, r.timestep),
+                                                   **(r.cond.model_kwargs() if r.cond else {})}, r.noise_pred)
+                                     for r in fp_records))
     metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
                "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
                "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}

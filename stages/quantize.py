@@ -1,6 +1,7 @@
 """quantize: post-training quantization (RTN with MSE ranges) of a model folder, judged against the FP model.
 
-1. record FP sampler trajectories (the model inputs at every k-th step) as calibration data;
+1. record FP sampler trajectories (the model inputs at every k-th step) as calibration data; a class-conditional
+   model (the DiT bench teacher) samples each seed's label, seed mod classes, as `qdistill calibrate` does;
 2. quantize_ a copy and calibrate_ its activation ranges on those inputs (no training);
 3. save the quantized model (atomically) to OUT/quantized;
 4. sample FP and quantized on the same seeds: PSNR, per-step noise-prediction MSE, OUT/metrics.json and the
@@ -21,8 +22,8 @@ import torch
 from ..configs import to_dict
 from ..configs.schema import QuantizeRunConfig
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
-from ..denoisers import latent_name, model_kwargs
-from ..data.trajectories import record_trajectories, uniform_steps
+from ..denoisers import latent_name, model_kwargs, num_classes
+from ..data.trajectories import Conditioning, class_labels, record_trajectories, uniform_steps
 from ..devices import resolve_device
 from ..errors import ModelFolderError
 from ..evaluation.fidelity import compare_to_fp, save_grid
@@ -44,7 +45,10 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
              if v.default is inspect.Parameter.empty and p not in ("self", latent_name(fp), "timestep")]
     if needs:
         raise ModelFolderError(f"{cfg.model}: {type(fp).__name__} needs {needs}; `qdistill quantize` calibrates "
-                               "unconditional models (use the Python API, quantize_ + calibrate_, for conditional ones)")
+                               "unconditional and class-conditional models (use the Python API, quantize_ + "
+                               "calibrate_, or qdistill calibrate + train, for text-conditional ones)")
+    classes = num_classes(fp)
+    cond_for = (lambda seeds: Conditioning(class_labels=class_labels(seeds, classes))) if classes else None
     out = Path(cfg.out)
     torch.manual_seed(0)
     logger.info(f"{cfg.recipe}: {type(fp).__name__} from {cfg.model}, {cfg.quant.tag}, on {device}")
@@ -54,20 +58,22 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
     t0 = time.time()
     keep = uniform_steps(c.num_steps, c.every)
     _, records = record_trajectories(fp, calib_scheduler, range(c.seed, c.seed + c.num_samples), c.num_steps,
-                                     c.batch_size, c.eta, keep)
+                                     c.batch_size, c.eta, keep, cond_for)
     logger.info(f"calibration: {c.num_samples} trajectories x {len(keep)} of {c.num_steps} {c.scheduler} steps "
                 f"= {c.num_samples * len(keep)} inputs in {time.time() - t0:.1f}s")
 
     # 2. quantize (keep_sensitive=auto: the most sensitive layers chosen first) and calibrate activation ranges
     t0 = time.time()
-    inputs = [model_kwargs(fp, r.sample, r.timestep) for r in records]
+    inputs = [{**model_kwargs(fp, r.sample, r.timestep), **(r.cond.model_kwargs() if r.cond else {})}
+              for r in records]
     quant = cfg.quant
     if quant.keep_sensitive == "auto":
         rows = torch.cat([r.sample for r in records])
         t = torch.cat([r.timestep for r in records])
+        labels = torch.cat([r.cond.class_labels for r in records]) if classes else None
         pick = torch.linspace(0, len(rows) - 1, min(quant.keep_sensitive_rows, len(rows))).round().long()
-        measured = [model_kwargs(fp, rows[pick[a:a + c.batch_size]], t[pick[a:a + c.batch_size]])
-                    for a in range(0, len(pick), c.batch_size)]
+        measured = [{**model_kwargs(fp, rows[part], t[part]), **({"class_labels": labels[part]} if classes else {})}
+                    for part in pick.split(c.batch_size)]
         quant, selection = select_sensitive_layers(fp, quant, inputs, measured,
                                                    eval_scheduler.config.num_train_timesteps)
         logger.info(selection_summary(selection))
@@ -87,7 +93,7 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
     # 4. fidelity to FP on the same seeds
     s = cfg.sampling
     fp_final, q_final, fidelity = compare_to_fp(fp, qunet, eval_scheduler, range(s.seed, s.seed + s.num_samples),
-                                                s.num_steps, s.batch_size, s.eta)
+                                                s.num_steps, s.batch_size, s.eta, cond_for)
     metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "layer_bits": quant.layer_bits, **fidelity,
                "calibration_seconds": calib_seconds, "sampler": f"{s.scheduler} {s.num_steps} steps eta={s.eta}"}
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

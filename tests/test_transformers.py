@@ -184,7 +184,8 @@ def test_a_dit_pipeline_runs_calibrate_train_export_eval(dit_pipeline):
     rc, log = train_in_process(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={pipe}",
                                 f"trajectories={root / 'traj'}", f"out={root / 'run'}", "quant.weight_bits=8",
                                 "quant.act_bits=8", "distill.iterations=4", "distill.batch_size=4",
-                                "distill.init_rows=16", "distill.eval_every=2", "threads=1"])
+                                "distill.init_rows=16", "distill.eval_every=2", "sampling.num_samples=4",
+                                "sampling.num_steps=10", "threads=1"])
     assert rc == 0, log
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     trained = [b["block"] for b in metrics["blocks"]]
@@ -194,6 +195,40 @@ def test_a_dit_pipeline_runs_calibrate_train_export_eval(dit_pipeline):
                      "steps=10", "fidelity_samples=2", f"out={root / 'eval'}", f"cache_dir={root / 'cache'}"]) == 0
     result = json.loads((root / "eval" / "metrics.json").read_text())
     assert result["psnr_db"] > 20, result  # W8A8 after a few iterations: close to FP
+    # the train stage's FP | quantized comparison samples each seed's label, as eval does
+    assert metrics["psnr_db"] > 15 and (root / "run" / "samples.png").is_file(), metrics
+
+
+def test_a_dit_runs_the_rtn_and_ptqd_baselines(dit_pipeline):
+    """The benchmark's other recipes on a class-conditional DiT: `qdistill quantize --config rtn` records its own
+    labelled trajectories, calibrates and compares with FP; PTQD's export measures its correction on labelled
+    trajectories, and eval samples with it."""
+    import json
+
+    from conftest import REPO, train_in_process
+    from qdistill.cli import main as qdistill
+
+    root, pipe = dit_pipeline, dit_pipeline / "pipe"
+    assert qdistill(["quantize", "--config", "rtn", f"model={pipe}", f"out={root / 'rtn'}", "quant.weight_bits=8",
+                     "calibration.num_samples=4", "calibration.num_steps=10", "calibration.every=2",
+                     "sampling.num_samples=2", "sampling.num_steps=10", "quant.keep_sensitive=auto",
+                     "quant.keep_sensitive_rows=8"]) == 0
+    rtn = json.loads((root / "rtn" / "metrics.json").read_text())
+    assert rtn["psnr_db"] > 20, rtn  # W8A8 RTN on labelled inputs: close to FP
+    run = root / "ptqd-run"
+    rc, log = train_in_process(["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={pipe}",
+                                f"trajectories={root / 'traj'}", f"out={run}", "quant.weight_bits=4",
+                                "quant.act_bits=8", "distill.iterations=2", "distill.batch_size=4",
+                                "distill.init_rows=16", "threads=1"])
+    assert rc == 0, log
+    assert qdistill(["export", "--config", "dilatequant+ptqd", f"run={run}", f"out={root / 'ptqd'}",
+                     "measure.samples=4", "measure.steps=10", "measure.batch_size=2"]) == 0
+    meta = json.loads((root / "ptqd" / "quant_config.json").read_text())
+    assert "noise_correction" in json.dumps(meta)
+    assert qdistill(["eval", f"model={root / 'ptqd'}", f"reference={pipe}", "num_samples=2", "batch_size=2",
+                     "steps=10", "fidelity_samples=2", f"out={root / 'ptqd-eval'}", f"cache_dir={root / 'cache'}"]) == 0
+    result = json.loads((root / "ptqd-eval" / "metrics.json").read_text())
+    assert result["psnr_db"] > 10, result
 
 
 def test_a_flow_matching_scheduler_is_refused_not_converted(tmp_path):
