@@ -250,9 +250,10 @@ def same_calibration(trajectories: str) -> list[str]:
     """quantize.py overrides that record exactly the trajectories' rows: seeds, sampler, steps, selection."""
     m = json.loads((Path(trajectories) / "manifest.json").read_text())
     scheduler = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm"}.get(m["scheduler"]["class"])
-    if m["selection"]["mode"] != "uniform" or scheduler is None or m["conditioning"] != "none":
+    if m["selection"]["mode"] != "uniform" or scheduler is None or m["conditioning"] not in ("none", "class"):
+        # `qdistill quantize` labels seed s with class s mod classes, as calibration does
         raise ConfigError(f"{trajectories}: rtn re-records the trajectories and supports uniform selection of "
-                         f"unconditional DDIM/DDPM trajectories only (these: {m['selection']['mode']}, "
+                         f"unconditional or class-conditional DDIM/DDPM trajectories only (these: {m['selection']['mode']}, "
                          f"{m['scheduler']['class']}, conditioning {m['conditioning']})")
     return [f"calibration.num_samples={m['seeds']['count']}", f"calibration.seed={m['seeds']['start']}",
             f"calibration.num_steps={m['num_steps']}", f"calibration.every={m['selection']['every']}",
