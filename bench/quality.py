@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .fashion_mnist import CLASSES
-from ..data.trajectories import Conditioning, class_labels, num_classes, record_trajectories
+from ..data.trajectories import class_conditioning, record_trajectories
 from .classifier_net import BenchClassifier, load_test_stats
 from ..evaluation.frechet import frechet_distance
 
@@ -15,10 +15,8 @@ from ..evaluation.frechet import frechet_distance
 def sample_images(unet, scheduler, seeds, num_steps: int, batch_size: int = 100, eta: float = 0.0) -> torch.Tensor:
     """Final samples for `seeds` (fixed batches of seeds, as everywhere in qdistill), in [-1, 1]. A
     class-conditional model (the DiT bench teacher) samples each seed's own label, as eval does."""
-    n = num_classes(unet)
-    cond_for = (lambda batch: Conditioning(class_labels=class_labels(batch, n))) if n else None
     images, _ = record_trajectories(unet, scheduler, list(seeds), num_steps, batch_size, eta, keep_steps=[],
-                                    cond_for=cond_for)
+                                    cond_for=class_conditioning(unet))
     return images.clamp(-1, 1)
 
 

@@ -99,6 +99,13 @@ class Conditioning:
                             pick(self.encoder_attention_mask), pick(self.negative_encoder_attention_mask))
 
 
+def class_conditioning(model) -> Callable[[list[int]], Conditioning] | None:
+    """batch_seeds → Conditioning with each seed's label (`class_labels`), for a class-conditional model; None
+    for any other. Calibration, quantize, train and eval draw labels this one way."""
+    n = num_classes(model)
+    return (lambda seeds: Conditioning(class_labels=class_labels(seeds, n))) if n else None
+
+
 def to_device(value, device):
     """Tensors in `value` (nested dicts, lists, tuples) moved to `device`."""
     if torch.is_tensor(value):

@@ -23,7 +23,7 @@ from ..configs import to_dict
 from ..configs.schema import QuantizeRunConfig
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
 from ..denoisers import latent_name, model_kwargs, num_classes
-from ..data.trajectories import Conditioning, class_labels, record_trajectories, uniform_steps
+from ..data.trajectories import class_conditioning, record_trajectories, uniform_steps
 from ..devices import resolve_device
 from ..errors import ModelFolderError
 from ..evaluation.fidelity import compare_to_fp, save_grid
@@ -48,7 +48,7 @@ def quantize(cfg: QuantizeRunConfig) -> dict:
                                "unconditional and class-conditional models (use the Python API, quantize_ + "
                                "calibrate_, or qdistill calibrate + train, for text-conditional ones)")
     classes = num_classes(fp)
-    cond_for = (lambda seeds: Conditioning(class_labels=class_labels(seeds, classes))) if classes else None
+    cond_for = class_conditioning(fp)
     out = Path(cfg.out)
     torch.manual_seed(0)
     logger.info(f"{cfg.recipe}: {type(fp).__name__} from {cfg.model}, {cfg.quant.tag}, on {device}")

@@ -29,7 +29,7 @@ from ..configs import to_dict
 from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
-from ..data.trajectories import Conditioning, class_labels
+from ..data.trajectories import class_conditioning
 from ..denoisers import num_classes, text_dim
 from ..devices import autocast
 from ..distributed_env import check_shared_folders, from_rank0
@@ -139,12 +139,10 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         else:
             s = cfg.sampling
             scheduler = load_scheduler(cfg.model, s.scheduler)
-            classes = num_classes(fp)  # each seed's label, as calibration and eval draw them
-            cond_for = (lambda seeds: Conditioning(class_labels=class_labels(seeds, classes))) if classes else None
             with autocast(device, cfg.precision):
                 fp_final, q_final, fidelity = compare_to_fp(fp, student, scheduler,
                                                             range(s.seed, s.seed + s.num_samples), s.num_steps,
-                                                            s.batch_size, s.eta, cond_for)
+                                                            s.batch_size, s.eta, class_conditioning(fp))
             metrics.update(fidelity, sampler=f"{s.scheduler} {s.num_steps} steps eta={s.eta}")
             grid = save_grid([fp_final, q_final], out / "samples.png")
             import numpy as np
