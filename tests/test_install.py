@@ -51,4 +51,9 @@ def test_wheel_install_runs_every_stage_outside_the_checkout(tmp_path):
     metrics = json.loads((work / "run" / "export" / "eval" / "metrics.json").read_text())
     assert metrics["bits"] == "W4A4" and metrics["mode"] == "integer" and metrics["fd"] > 0  # the shipped classifier
     assert 5 < metrics["psnr_db"] < 60
-    assert sorted(p.name for p in work.iterdir()) == ["cache", "run", "traj"]
+    # the DiT bench teacher ships in the wheel too
+    run([qdistill, "calibrate", "--config", "calibrate", "model=bench/dit-teacher", "out=dit-traj", "num_samples=2",
+         "num_steps=4", "every=2", "batch_size=2"], work, env)
+    dit = json.loads((work / "dit-traj" / "manifest.json").read_text())
+    assert dit["num_rows"] == 2 * 2 and dit["conditioning"] == "class"
+    assert sorted(p.name for p in work.iterdir()) == ["cache", "dit-traj", "run", "traj"]

@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 from conftest import TRANSFORMER_CONFIGS, build_transformer
-from qdistill.denoisers import bound_inputs, example_inputs, latent_name, noise_prediction
+from qdistill.configs import load_config
+from qdistill.configs.schema import TrajectoryConfig
+from qdistill.data.calibration import record_calibration_set
+from qdistill.data.calibration_set import load_shards, to_model_inputs
+from qdistill.data.model_folder import load_denoiser
+from qdistill.denoisers import bound_inputs, example_inputs, latent_name, noise_prediction, num_classes
 from qdistill.quantizers import QuantConfig, TemporalQuantizer, block_output, calibrate_, find_blocks, quantize_, \
     set_quantization
 from qdistill.quantizers.attention import QuantAttnProcessor
@@ -587,3 +592,30 @@ def test_pixart_and_flux_pipelines_train_export_and_eval_through_their_pipelines
 
     # one row of samples, 1 px of margin each side: 16 px images (this VAE keeps the size), not the model default
     assert Image.open(root / "eval" / "samples.png").size[1] == SIZE + 2
+
+
+def test_the_shipped_dit_teacher_loads_records_and_quantizes(tmp_path):
+    """bench/dit-teacher as it ships (docs/bench.md), loaded with from_pretrained: its blocks are the patch
+    embedding, its 6 transformer blocks, the output modulation and the head; its recorded trajectories carry
+    label seed % 10 and are its own predictions; quantization off is exact and W8A8 calibrated on those rows stays
+    near FP."""
+    model = load_denoiser("bench/dit-teacher").eval()
+    assert type(model).__name__ == "DiTTransformer2DModel" and num_classes(model) == 10
+    cfg = load_config(TrajectoryConfig, None, ["model=bench/dit-teacher", f"out={tmp_path / 't'}", "num_samples=4",
+                                               "batch_size=4", "num_steps=10", "every=3"])
+    assert record_calibration_set(cfg)["conditioning"] == "class"
+    rows = load_shards(tmp_path / "t")[:]
+    assert rows["class_label"].tolist() == [s % 10 for s in rows["sample_id"].tolist()]
+    kw = to_model_inputs(rows, model)
+    with torch.no_grad():
+        ref = noise_prediction(model(**kw))
+        torch.testing.assert_close(ref, rows["noise_pred"], rtol=1e-4, atol=1e-4)
+        names = [b.name for b in find_blocks(model, kw)]
+        assert names == ["pos_embed", *[f"transformer_blocks.{i}" for i in range(6)], "proj_out_1", "proj_out_2"]
+        q = quantize_(copy.deepcopy(model), QuantConfig(weight_bits=8, act_bits=8))
+        set_quantization(q, weights=False, activations=False)
+        torch.testing.assert_close(noise_prediction(q(**kw)), ref, rtol=1e-5, atol=1e-5)
+        set_quantization(q, weights=True, activations=True)
+        calibrate_(q, [kw])
+        err = (noise_prediction(q(**kw)) - ref).pow(2).mean() / ref.pow(2).mean()
+    assert 1e-7 < err < 0.02, err
