@@ -30,7 +30,7 @@ from ..configs.schema import TrainConfig
 from ..data.calibration_set import load_shard_list, read_manifest
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
 from ..data.trajectories import class_conditioning
-from ..denoisers import num_classes, text_dim
+from ..denoisers import text_dim
 from ..devices import autocast
 from ..distributed_env import check_shared_folders, from_rank0
 from ..evaluation.fidelity import compare_to_fp, save_grid

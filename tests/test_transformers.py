@@ -486,7 +486,7 @@ def test_calibration_records_what_pixart_and_flux_pipelines_feed_their_transform
     """Step 0 of seed 0 against the pipeline's own call for the same prompt and latents: PixArt's guidance batch of
     T5 embeddings and caption masks; Flux's packed latents, σ timestep, pooled CLIP projection, token positions
     and distilled guidance."""
-    from qdistill.data.calibration_set import load_shards, read_manifest, to_model_inputs
+    from qdistill.data.calibration_set import read_manifest
     from qdistill.data.model_folder import load_pipeline
     from qdistill.data.trajectories import latent_shape, seeded_noise
 
@@ -516,7 +516,7 @@ def test_calibration_records_what_the_sd3_pipeline_feeds_its_transformer(sd3_pip
     """Step 0 of seed 0, recorded from the SD3 folder with its own flow-matching scheduler, against the inputs
     StableDiffusion3Pipeline gives its transformer for the same prompt, latents and guidance: the guidance batch
     [negative, prompt] of text embeddings and pooled projections, x_t and the timestep."""
-    from qdistill.data.calibration_set import load_shards, read_manifest, to_model_inputs
+    from qdistill.data.calibration_set import read_manifest
     from qdistill.data.model_folder import load_pipeline
     from qdistill.data.trajectories import latent_shape, seeded_noise
 
