@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# The demo: record calibration trajectories from the bench teacher (bench/teacher, shipped), distil it to W4A4
-# with the DilateQuant recipe at demo length, export packed integer weights, and judge the export with
-# `qdistill eval` on int8 kernels against the FP teacher (runs/demo-w4a4/; ends with eval's metrics table).
+# The demo: record calibration trajectories from the bench teacher (assets/teacher, shipped), distil it to W4A4
+# with the recommended recipe (configs/demo.yaml: DilateQuant + keep sensitive + low rank 1 + weight groups of 4 +
+# end to end) at demo length, export packed integer weights, and judge the export with `qdistill eval` on int8
+# kernels against the FP teacher (runs/demo-w4a4/; ends with eval's metrics table: FP and quantized FD, and the
+# FP | quantized grid runs/demo-w4a4/eval/samples.png).
 QDISTILL := $(VENV)/bin/qdistill
 
-runs/trajectories/manifest.json: bench/teacher/unet/diffusion_pytorch_model.safetensors | $(STAMP)
+runs/trajectories/manifest.json: assets/teacher/unet/diffusion_pytorch_model.safetensors | $(STAMP)
 	$(QDISTILL) calibrate --config calibrate overwrite=true
 
 demo: $(STAMP) runs/trajectories/manifest.json

@@ -1,6 +1,6 @@
 """The `qdistill` command: one subcommand per stage, each `--config NAME_OR_PATH key=value ...`.
 
-    qdistill configs                                   # the installed configs
+    qdistill configs                                   # the installed configs (bench tooling's apart)
     qdistill calibrate --config calibrate              # a bare name is an installed config
     qdistill train --config dilatequant distill.iterations=100
     torchrun --nproc_per_node=2 -m qdistill train --config dilatequant
@@ -20,10 +20,11 @@ import sys
 import types
 import typing
 
-from .configs import installed_configs, load_config, resolve_config
-from .configs.schema import (BenchmarkConfig, EvalConfig, ExportConfig, QuantizeRunConfig, SensitivityConfig,
-                             TrainConfig, TrajectoryConfig)
+from .configs import BENCH_CONFIGS, installed_configs, load_config, resolve_config
+from .configs.schema import (EvalConfig, ExportConfig, QuantizeRunConfig, SensitivityConfig, TrainConfig,
+                             TrajectoryConfig)
 from .errors import QdistillError
+from .stages import STAGES
 
 # subcommand: (config class, what it does)
 SUBCOMMANDS = {
@@ -33,8 +34,9 @@ SUBCOMMANDS = {
     "export": (ExportConfig, "pack a trained model's integer weights (optionally PTQD, mixed precision)"),
     "eval": (EvalConfig, "judge an export: FD, PSNR/SSIM and noise MSE vs FP, FID/CLIP with local weights"),
     "sensitivity": (SensitivityConfig, "per-layer sensitivity: the error of each quantized layer alone, and without it"),
-    "benchmark": (BenchmarkConfig, "FP and every recipe side by side on the bench model"),
 }
+# subcommands that moved to the bench tooling: the command that replaces each
+MOVED = {"benchmark": "python -m qdistill.bench.benchmark --config bench/benchmark KEY=VALUE ..."}
 
 
 def _type_name(tp) -> str:
@@ -93,18 +95,40 @@ def top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def stage_parser(name: str) -> argparse.ArgumentParser:
-    cls, summary = SUBCOMMANDS[name]
-    p = argparse.ArgumentParser(prog=f"qdistill {name}", description=f"{summary}.\n\n{keys_help(cls)}",
+def stage_parser(prog: str, cls, summary: str, shorthands: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=f"{summary}.\n\n{keys_help(cls)}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="NAME_OR_PATH",
                    help="a YAML file, or the name of an installed config (`qdistill configs`)")
-    if name == "export":
-        p.add_argument("--run", default=None, help="shorthand for run=RUN")
-        p.add_argument("--out", default=None, help="shorthand for out=OUT")
-        p.add_argument("--format", default=None, choices=["qdistill", "onnx"], help="shorthand for format=FORMAT")
+    for key in shorthands:
+        p.add_argument(f"--{key}", default=None, help=f"shorthand for {key}={key.upper()}")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (see the keys above)")
     return p
+
+
+def run_command(prog: str, cls, stage, summary: str, argv: typing.Sequence[str],
+                shorthands: tuple[str, ...] = ()) -> int:
+    """Parse `--config NAME key=value ...` for config class `cls` and run `stage` on it: the body of every
+    `qdistill` subcommand and of the bench tools that take a config."""
+    setup_logging()
+    args = stage_parser(prog, cls, summary, shorthands).parse_intermixed_args(argv)  # overrides before or after
+    overrides = list(args.overrides) + [f"{k}={getattr(args, k)}" for k in shorthands if getattr(args, k) is not None]
+    try:
+        stage(load_config(cls, args.config, overrides))
+    except QdistillError as e:
+        print(f"{prog.split()[0]}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def list_configs() -> None:
+    """The installed configs with the first line of each, the bench tooling's apart."""
+    for title, names in (("configs", [n for n in installed_configs() if n not in BENCH_CONFIGS]),
+                         ("bench tooling (python -m qdistill.bench.NAME --config bench/...)", BENCH_CONFIGS)):
+        print(f"{title}:")
+        for name in names:
+            first = resolve_config(name).read_text().splitlines()[:1]
+            print(f"  {name:<22} {first[0].lstrip('# ') if first and first[0].startswith('#') else ''}")
 
 
 def setup_logging() -> None:
@@ -136,24 +160,14 @@ def setup_logging() -> None:
 def main(argv: typing.Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher's; LOCAL_RANK is set too
+    if argv and argv[0] in MOVED:
+        print(f"qdistill: error: `qdistill {argv[0]}` is bench tooling now: {MOVED[argv[0]]}", file=sys.stderr)
+        return 2
     command = top_parser().parse_args(argv[:1]).command if argv and not argv[0].startswith("-") \
         else top_parser().parse_args(argv).command
     if command == "configs":
-        for name in installed_configs():
-            first = resolve_config(name).read_text().splitlines()[:1]
-            print(f"{name:<20} {first[0].lstrip('# ') if first and first[0].startswith('#') else ''}")
+        list_configs()
         return 0
-    from .stages import STAGES
-
-    setup_logging()
-    args = stage_parser(command).parse_intermixed_args(argv[1:])  # overrides before or after the options
-    cls = SUBCOMMANDS[command][0]
-    overrides = list(args.overrides)
-    if command == "export":
-        overrides += [f"{k}={v}" for k, v in (("run", args.run), ("out", args.out), ("format", args.format)) if v is not None]
-    try:
-        STAGES[command](load_config(cls, args.config, overrides))
-    except QdistillError as e:
-        print(f"qdistill: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
+    cls, summary = SUBCOMMANDS[command]
+    return run_command(f"qdistill {command}", cls, STAGES[command], summary, argv[1:],
+                       ("run", "out", "format") if command == "export" else ())

@@ -17,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+
 from .errors import ConfigError
 from .files import atomic_write_text
 
@@ -122,6 +124,24 @@ def rank_environment():
     finally:
         for key in set_here:
             os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def process_group(backend: str = "gloo"):
+    """(rank, world size, local rank) for a stage that only waits for and gathers from its ranks (calibrate, eval):
+    a `backend` group under torchrun or srun when none exists yet, destroyed at the end; none for a plain run. The
+    rank variables set for it are taken back at the end. (Training makes its group through DeepSpeed:
+    trainer/launch.py.)"""
+    with rank_environment() as (rank, world_size):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        owns = world_size > 1 and not torch.distributed.is_initialized()
+        if owns:
+            torch.distributed.init_process_group(backend)  # torchrun also sets OMP_NUM_THREADS=1 per rank
+        try:
+            yield rank, world_size, local_rank
+        finally:
+            if owns:
+                torch.distributed.destroy_process_group()
 
 
 def _read(path: Path) -> bytes | None:

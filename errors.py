@@ -34,5 +34,9 @@ class DivergenceError(QdistillError, RuntimeError):
     """A non-finite loss or update: training of the block stopped; the last good checkpoint is kept."""
 
 
+class BuildLockError(QdistillError, RuntimeError):
+    """A lock left by a killed JIT build of DeepSpeed's ops: the next build would wait on it forever."""
+
+
 class DatasetMissingError(QdistillError, FileNotFoundError):
     """A data set the bench needs is not installed."""

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ConfigError
+
 
 def _old(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
@@ -91,12 +93,19 @@ def sha256_tree(folder: str | Path) -> str:
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# The shipped models and classifier were bench/NAME before they became package data under assets/.
+_MOVED = {f"bench/{name}": f"assets/{name}" for name in ("teacher", "dit-teacher", "classifier")}
 
 
 def shipped(path: str | Path) -> Path:
     """`path` as given when it exists; else, for a relative path naming something qdistill ships
-    (`bench/teacher`, `bench/classifier`), the installed copy; else `path` unchanged (callers report it)."""
+    (`assets/teacher`, `assets/dit-teacher`, `assets/classifier`), the installed copy; else `path` unchanged
+    (callers report it). An old name of a shipped folder (`bench/teacher`) is refused with its new name."""
     path = Path(path)
-    if not path.exists() and not path.is_absolute() and (PACKAGE_DIR / path).exists():
-        return PACKAGE_DIR / path
+    if not path.exists() and not path.is_absolute():
+        if (PACKAGE_DIR / path).exists():
+            return PACKAGE_DIR / path
+        moved = _MOVED.get(path.as_posix().rstrip("/"))
+        if moved:
+            raise ConfigError(f"{path}: the shipped folder is now {moved}")
     return path

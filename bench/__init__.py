@@ -1,4 +1,4 @@
-"""The bench: the project's own reference model and metric, apart from the product. A DDPM `UNet2DModel`
-trained on Fashion-MNIST (bench/teacher, shipped, with its record) and a small classifier whose penultimate
-features define the bench Fréchet distance (bench/classifier, shipped), with the code that trained them
-(train_teacher.py, train_classifier.py) and the bench FD (quality.py). DESIGN.md §6; docs/bench.md."""
+"""The bench tooling: the benchmark harness (benchmark.py), the scripts that trained the shipped bench models in
+assets/ (train_teacher.py, train_classifier.py), scoring and grids (score.py, grid.py, quality.py), latency, load
+time, memory-plan and GPU checks. Each runs as `python -m qdistill.bench.NAME` and imports the package as a user
+would; nothing in the package imports it (tests/test_import_layers.py). docs/bench.md; BENCHMARKS.md."""

@@ -29,7 +29,7 @@ def run(name: str, ranks: int, zero: str, threads: int, args) -> dict:
     train = ["-m", "qdistill", "train", "--config", args.config, f"trajectories={args.trajectories}",
              f"out={out}", "overwrite=true", f"deepspeed={zero}", f"threads={threads}",
              f"distill.iterations={args.iterations}", "distill.checkpoint_every=0",
-             "sampling.num_samples=4", "sampling.num_steps=10"]
+             "sampling.num_samples=4", "sampling.steps=10"]
     cmd = [sys.executable, *train] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *train]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu"}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from qdistill.bench.unet_shapes import SD15
+from qdistill.model_shapes import SD15
 from qdistill.configs import load_config
 from qdistill.configs.schema import EvalConfig, ExportConfig, TrainConfig, TrajectoryConfig
 

@@ -9,7 +9,8 @@ import sys
 
 from qdistill.data.model_folder import load_denoiser, load_scheduler
 from qdistill.evaluation.fidelity import save_grid
-from qdistill.evaluation.sampling import sample_across_ranks, from_uint8
+from qdistill.evaluation.fidelity import from_uint8
+from qdistill.evaluation.sampling import sample_across_ranks
 from qdistill.export import load_exported, load_noise_correction, read_export_meta
 from qdistill.quantizers.corrected_scheduler import NoiseCorrectedScheduler
 from qdistill.quantizers.quantize import bits_tag
@@ -17,7 +18,7 @@ from qdistill.quantizers.quantize import bits_tag
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fp", default="bench/teacher", help="the FP model folder")
+    parser.add_argument("--fp", default="assets/teacher", help="the FP model folder")
     parser.add_argument("--exports", nargs="+", required=True, help="export folders, one column each")
     parser.add_argument("--out", default="docs/grid.png")
     parser.add_argument("--seed", type=int, default=100000)

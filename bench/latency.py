@@ -30,7 +30,7 @@ from qdistill.data.trajectories import latent_shape, record_trajectories, unifor
 from qdistill.evaluation.sampling import sample_batch
 from qdistill.export import EXPORT_FILE, OnnxDenoiser, export_model, export_onnx, load_exported
 from qdistill.export.onnx_qdq import export_fp_onnx
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 from qdistill.quantizers.integer_layers import IntegerLayer, channels_last_inputs
 from qdistill.files import atomic_write_text
 
@@ -47,7 +47,7 @@ def timed(fn, warmup: int = 2, iters: int = 5) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bench/teacher")
+    p.add_argument("--model", default="assets/teacher")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="qdistill-latency-"))
     for bits in args.bits:
         wb, ab = int(bits[1]), int(bits[3])
-        q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), calib)
+        q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), calib)
         size = export_model(q, tmp / bits, recipe="rtn")
         sizes[bits] = {"export_file_bytes": (tmp / bits / EXPORT_FILE).stat().st_size, **size}
         if not args.no_simulated:

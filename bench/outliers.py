@@ -30,9 +30,11 @@ import torch
 from qdistill.data.calibration_set import load_shard_list
 from qdistill.data.model_folder import load_denoiser, model_hash
 from qdistill.export import export_model
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
-from qdistill.quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
-from qdistill.trainer.student import init_batches
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
+from qdistill.cost import FP_BITS, layer_macs, rule_bit_operations
+from qdistill.data.calibration_set import strided_batches
+from qdistill.quantizers.layer_precision import assign_layer_bits
+from qdistill.quantizers.mixed_precision import bit_operations
 
 
 @torch.no_grad()
@@ -46,8 +48,7 @@ def branch_cost(shape: str, ranks: list[int], bits: list[str]) -> str:
     """Bit-operations relative to FP of a realistic-width UNet per bits and rank (the branch at 32 × 32 bits)."""
     import diffusers
 
-    from qdistill.bench.unet_shapes import SHAPES
-    from qdistill.quantizers.layer_precision import assign_layer_bits, rule_bit_operations
+    from qdistill.model_shapes import SHAPES
     from qdistill.quantizers.low_rank import branch_macs, layer_rank
 
     cls, config = SHAPES[shape]
@@ -79,7 +80,7 @@ def branch_cost(shape: str, ranks: list[int], bits: list[str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench/teacher")
+    parser.add_argument("--model", default="assets/teacher")
     parser.add_argument("--trajectories", default="runs/trajectories")
     parser.add_argument("--bits", nargs="+", default=["W4A4", "W4A8", "W8A8"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[0, 2, 4, 8])
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     if len(shards) < 2:
         raise SystemExit(f"{args.trajectories}: needs at least 2 shards (one half calibrates, the other is held out)")
     half = len(shards) // 2
-    held = list(init_batches(shards[half:], args.rows, 64, "cpu"))
+    held = list(strided_batches(shards[half:], args.rows, 64, "cpu"))
     with torch.no_grad():
         fp_outputs = [fp(**kw).sample for kw in held]
     macs = layer_macs(fp, held[0])
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
                 for seed in args.seeds:
                     torch.manual_seed(seed)
                     q = quantize_(copy.deepcopy(fp), config)
-                    calibrate_(q, init_batches(shards[:half], args.init_rows, 64, "cpu"))
+                    fit_ranges_(q, strided_batches(shards[:half], args.init_rows, 64, "cpu"))
                     mses.append(held_out_mse(fp_outputs, q.eval(), held))
                 with tempfile.TemporaryDirectory() as d:
                     size = export_model(q, Path(d) / "e", recipe="bench-outliers")

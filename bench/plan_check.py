@@ -64,13 +64,13 @@ def main(argv=None) -> int:
     traj = out / "traj"
     if not (traj / "manifest.json").is_file():
         subprocess.run([sys.executable, "-m", "qdistill", "calibrate", "--config", "calibrate", f"model={model}",
-                        f"out={traj}", "num_samples=8", "num_steps=16", "every=2", "batch_size=8", "overwrite=true"],
+                        f"out={traj}", "num_samples=8", "steps=16", "every=2", "batch_size=8", "overwrite=true"],
                        check=True)
     rows = json.loads((traj / "manifest.json").read_text())["num_rows"]
     overrides = [f"model={model}", f"trajectories={traj}", f"out={out / 'run'}", "overwrite=true",
                  f"distill.iterations={args.iterations}", f"distill.batch_size={args.batch_size}",
                  f"distill.init_rows={rows}", "distill.checkpoint_every=100000", "sampling.num_samples=2",
-                 "sampling.num_steps=2", "threads=2", "deepspeed=zero2.json"]
+                 "sampling.steps=2", "threads=2", "deepspeed=zero2.json"]
     proc = subprocess.run([sys.executable, "-m", "qdistill.bench.plan_check", "--measure", *overrides],
                           check=True, capture_output=True, text=True)
     measured = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from qdistill.configs import CONFIG_DIR
-SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
+SAMPLING = ["sampling.num_samples=8", "sampling.steps=20"]
 
 
 def qat(args) -> dict:
@@ -34,7 +34,7 @@ def qat(args) -> dict:
     from qdistill.configs.schema import TrainConfig
     from qdistill.data.calibration_set import load_shard_list, to_model_inputs
     from qdistill.data.model_folder import load_denoiser, load_scheduler
-    from qdistill.evaluation.fidelity import compare_to_fp
+    from qdistill.evaluation.sampling import compare_to_fp
     from qdistill.trainer.phases import parameter_groups
     from qdistill.trainer.student import build_student
 
@@ -70,7 +70,7 @@ def qat(args) -> dict:
     student.eval()
     s = cfg.sampling
     _, _, fidelity = compare_to_fp(fp, student, load_scheduler(cfg.model, s.scheduler),
-                                   range(s.seed, s.seed + s.num_samples), s.num_steps, s.batch_size, s.eta)
+                                   range(s.seed, s.seed + s.num_samples), s.steps, s.batch_size, s.eta)
     return {"iterations": iterations, "train_seconds": round(seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "psnr_db": round(fidelity["psnr_db"], 2), "noise_pred_mse": fidelity["noise_pred_mse_mean"]}

@@ -1,15 +1,15 @@
-"""Quality of a sampler on the bench: Fréchet distance of its samples to the Fashion-MNIST test split in
-the bench classifier's feature space, and the classifier's label distribution over the samples."""
+"""Bench tooling around the classifier FD (qdistill.evaluation.classifier_fd): sampling a model's images, and
+the FD real images score (the floor a generator's FD compares with)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from .fashion_mnist import CLASSES
-from ..data.trajectories import class_conditioning, record_trajectories
-from .classifier_net import BenchClassifier, load_test_stats
-from ..evaluation.frechet import frechet_distance
+from qdistill.data.fashion_mnist import load_fashion_mnist
+from qdistill.data.trajectories import class_conditioning, record_trajectories
+from qdistill.evaluation.classifier_fd import BenchClassifier, load_test_stats
+from qdistill.evaluation.frechet import frechet_distance
 
 
 def sample_images(unet, scheduler, seeds, num_steps: int, batch_size: int = 100, eta: float = 0.0) -> torch.Tensor:
@@ -21,23 +21,10 @@ def sample_images(unet, scheduler, seeds, num_steps: int, batch_size: int = 100,
 
 
 @torch.no_grad()
-def bench_quality(images: torch.Tensor, classifier_dir: str | Path) -> dict:
-    """FD to the test split (stored statistics) and the predicted class shares of `images`."""
-    classifier = BenchClassifier.load(classifier_dir)
-    fd = frechet_distance(classifier.features, images, load_test_stats(classifier_dir))
-    preds = torch.cat([classifier(x).argmax(1) for x in images.split(500)])
-    shares = torch.bincount(preds, minlength=len(CLASSES)).float() / len(preds)
-    return {"fd": fd, "class_shares": {name: round(float(s), 4) for name, s in zip(CLASSES, shares)},
-            "min_class_share": float(shares.min())}
-
-
-@torch.no_grad()
 def fd_floor(classifier_dir: str | Path, num_samples: int, draws: int, seed: int = 0) -> dict:
     """What real images score: FD of the whole train split to the test split, and of `draws` random sets of
     `num_samples` train images (FD is biased upwards at small sample sizes, so a generator's FD on N samples
     compares with real images' FD on N samples)."""
-    from .fashion_mnist import load_fashion_mnist
-
     classifier = BenchClassifier.load(classifier_dir)
     stats = load_test_stats(classifier_dir)
     train, _ = load_fashion_mnist("train")

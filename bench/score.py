@@ -3,11 +3,11 @@ features), the classifier's label distribution over them, and a sample grid. The
 folder (the FP teacher) or a quantized folder written by qdistill train / qdistill quantize (sampled
 with its source model's scheduler).
 
-    python -m qdistill.bench.score --model bench/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
-        --out bench/teacher_record.json --grid bench/teacher_samples.png
+    python -m qdistill.bench.score --model assets/teacher --num-samples 1000 --steps 50 --floor-draws 5 \
+        --out assets/teacher_record.json --grid assets/teacher_samples.png
     python -m qdistill.bench.score --model runs/dilatequant-w4a4/quantized --out runs/dilatequant-w4a4/bench.json
-    python -m qdistill.bench.score --model bench/dit-teacher --num-samples 1000 --out bench/dit_teacher_record.json \
-        --grid bench/dit_teacher_samples.png      # class-conditional: each seed samples label seed % 10
+    python -m qdistill.bench.score --model assets/dit-teacher --num-samples 1000 --out assets/dit_teacher_record.json \
+        --grid assets/dit_teacher_samples.png      # class-conditional: each seed samples label seed % 10
 """
 import argparse
 import json
@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from qdistill.data.model_folder import ModelFolderError, load_denoiser, load_scheduler
-from qdistill.bench.quality import bench_quality, fd_floor, sample_images
+from qdistill.bench.quality import fd_floor, sample_images
+from qdistill.evaluation.classifier_fd import classifier_quality
 from qdistill.evaluation.fidelity import save_grid
 from qdistill.errors import CheckpointError
 from qdistill.export import load_quantized
@@ -26,8 +27,8 @@ from qdistill.files import atomic_write_text
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench/teacher")
-    parser.add_argument("--classifier", default="bench/classifier")
+    parser.add_argument("--model", default="assets/teacher")
+    parser.add_argument("--classifier", default="assets/classifier")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=100_000)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     images = sample_images(unet, scheduler, range(args.seed, args.seed + args.num_samples), args.steps)
     record = {"model": args.model, "num_samples": args.num_samples, "sampler": f"DDIM {args.steps} steps eta=0",
               "seeds": [args.seed, args.seed + args.num_samples], "sampling_seconds": round(time.time() - t0, 1),
-              **bench_quality(images, args.classifier)}
+              **classifier_quality(images, args.classifier)}
     if args.floor_draws:
         record["floor"] = fd_floor(args.classifier, args.num_samples, args.floor_draws)
     print(json.dumps(record, indent=2))

@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from .classifier_net import BenchClassifier
-from ..evaluation.frechet import add_images, frechet_metric, reference_stats
-from ..configs import load_config
-from ..errors import QdistillError
-from ..files import atomic_dir
+from qdistill.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from qdistill.evaluation.classifier_fd import BenchClassifier
+from qdistill.evaluation.frechet import add_images, frechet_metric, reference_stats
+from qdistill.configs import load_config
+from qdistill.errors import QdistillError
+from qdistill.files import atomic_dir
 
 
 @dataclass
 class ClassifierConfig:
-    out: str = "bench/classifier"
+    out: str = "assets/classifier"
     data_root: str = str(DEFAULT_ROOT)
     epochs: int = 8
     batch_size: int = 128

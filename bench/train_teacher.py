@@ -22,11 +22,11 @@ from diffusers.training_utils import EMAModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
-from ..configs import load_config
-from ..denoisers import model_kwargs, noise_prediction
-from ..errors import QdistillError
-from ..files import atomic_dir
+from qdistill.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
+from qdistill.configs import load_config
+from qdistill.denoisers import model_kwargs, noise_prediction
+from qdistill.errors import QdistillError
+from qdistill.files import atomic_dir
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -34,7 +34,7 @@ CHECKPOINT = "checkpoint.pt"
 @dataclass
 class TeacherConfig:
     out: str = "runs/teacher"  # checkpoints and TensorBoard logs
-    export: str = "bench/teacher"  # the finished DDPM pipeline (EMA weights), save_pretrained
+    export: str = "assets/teacher"  # the finished DDPM pipeline (EMA weights), save_pretrained
     init: str = ""  # optional model folder whose weights start a new run (to continue a finished one)
     data_root: str = str(DEFAULT_ROOT)
     steps: int = 10000
@@ -99,7 +99,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     torch.manual_seed(cfg.seed)
     unet, scheduler = build_teacher(cfg)
     if cfg.init:
-        from ..data.model_folder import load_denoiser
+        from qdistill.data.model_folder import load_denoiser
 
         start = load_denoiser(cfg.init)
         public = lambda c: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items() if not k.startswith("_")}  # noqa: E731

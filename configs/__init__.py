@@ -16,25 +16,30 @@ import yaml
 from ..errors import ConfigError  # noqa: F401 (raised here; defined with the other user-facing errors)
 
 CONFIG_DIR = Path(__file__).parent
-
+# The bench tooling's configs (teacher and classifier training, the benchmark), apart from what users run.
+BENCH_CONFIGS = sorted(f"bench/{p.stem}" for p in (CONFIG_DIR / "bench").glob("*.yaml"))
+# Keys renamed so that every stage names the sampler alike: old dotted-key tail -> new one.
+RENAMED_KEYS = {"num_steps": "steps", "measure.samples": "measure.num_samples", "recipe": "method",
+                "keep_sensitive_rows": "with_keep_sensitive"}
 
 
 def installed_configs() -> list[str]:
-    """The names of the YAML configs qdistill ships (`qdistill configs`)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """The names of the YAML configs qdistill ships (`qdistill configs`), the bench tooling's as `bench/NAME`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) + BENCH_CONFIGS
 
 
 def resolve_config(name: str | Path) -> Path:
-    """A config file: `name` when it is a file; else, for a bare name (`dilatequant`, `dilatequant.yaml`), the
-    installed config of that name."""
+    """A config file: `name` when it is a file; else, for a bare name (`dilatequant`, `dilatequant.yaml`,
+    `bench/benchmark`), the installed config of that name."""
     path = Path(name)
     if path.is_file():
         return path
-    if path.parent == Path("."):
-        installed = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if not path.is_absolute() and path.parent in (Path("."), Path("bench")):
+        installed = CONFIG_DIR / path.parent / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
         if installed.is_file():
             return installed
-        raise ConfigError(f"config file not found: {name} (not a file here, nor an installed config: "
+        moved = f" (now bench/{path.stem})" if f"bench/{path.stem}" in BENCH_CONFIGS else ""
+        raise ConfigError(f"config file not found: {name}{moved} (not a file here, nor an installed config: "
                           f"{', '.join(installed_configs())})")
     raise ConfigError(f"config file not found: {path}")
 
@@ -71,6 +76,11 @@ def _build(cls: type, data: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
+    for key in unknown:
+        for old, new in RENAMED_KEYS.items():
+            old_tail, new_tail = old.rsplit(".", 1)[-1], new.rsplit(".", 1)[-1]
+            if key == old_tail and new_tail in fields and (prefix + key).endswith(old):
+                raise ConfigError(f"config key '{prefix}{key}' was renamed '{prefix}{new_tail}'")
     if unknown:
         raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys here: {', '.join(fields)})")
     values = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}

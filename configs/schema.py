@@ -8,48 +8,54 @@ from ..quantizers import QuantConfig
 
 
 @dataclass
-class CalibrationConfig:
-    """Which sampler inputs the activation ranges are calibrated on (Q-Diffusion §3.1: data-free)."""
+class SamplerSettings:
+    """How a stage samples: the scheduler, its steps and η, which seeds, how many and how many at a time. Every
+    stage that samples (calibrate, quantize, train, export's PTQD measurement, eval) takes these six keys under the
+    same names; each stage's block sets its own defaults."""
 
-    num_samples: int = 32
-    num_steps: int = 50
-    every: int = 5  # keep every k-th step of each trajectory (Q-Diffusion's uniform interval)
     scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
+    steps: int = 50
     eta: float = 0.0
+    num_samples: int = 16
     seed: int = 0  # samples use seeds seed, seed+1, ...
     batch_size: int = 16
 
     def __post_init__(self):
-        for key in ("num_samples", "num_steps", "every", "batch_size"):
+        for key in ("steps", "num_samples", "batch_size"):
             if getattr(self, key) < 1:
-                raise ValueError(f"calibration.{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
 
 
 @dataclass
-class SamplingConfig:
-    """How FP and quantized models are compared: same seeds, same sampler."""
+class CalibrationConfig(SamplerSettings):
+    """Which sampler inputs the activation ranges are calibrated on (Q-Diffusion §3.1: data-free)."""
 
-    num_samples: int = 16
-    num_steps: int = 50
-    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
-    eta: float = 0.0
-    seed: int = 10_000  # disjoint from calibration seeds
-    batch_size: int = 16
+    num_samples: int = 32
+    every: int = 5  # keep every k-th step of each trajectory (Q-Diffusion's uniform interval)
 
     def __post_init__(self):
-        for key in ("num_samples", "num_steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"sampling.{key} must be >= 1, got {getattr(self, key)}")
+        super().__post_init__()
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+
+
+@dataclass
+class SamplingConfig(SamplerSettings):
+    """How FP and quantized models are compared: same seeds, same sampler."""
+
+    seed: int = 10_000  # disjoint from calibration seeds
 
 
 @dataclass
 class QuantizeRunConfig:
     """`qdistill quantize`: post-training quantization of one model folder, judged against FP."""
 
-    model: str = "bench/teacher"
+    model: str = "assets/teacher"
     out: str = "runs/quantized"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
-    recipe: Literal["rtn"] = "rtn"
+    method: Literal["rtn"] = "rtn"
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -60,7 +66,7 @@ class SensitivityConfig:
     """`qdistill sensitivity`: per quantized layer and attention processor, the noise-prediction error against FP
     with only it quantized and with only it left in FP, overall and per timestep bucket, on calibration rows."""
 
-    model: str = "bench/teacher"
+    model: str = "assets/teacher"
     trajectories: str = "runs/trajectories"  # recorded by `qdistill calibrate` from the same model
     out: str = "runs/sensitivity"
     quantized: str | None = None  # a trained model (a run folder or its quantized/); None: RTN ranges per `quant`
@@ -80,18 +86,14 @@ class SensitivityConfig:
 
 
 @dataclass
-class TrajectoryConfig:
+class TrajectoryConfig(SamplerSettings):
     """`qdistill calibrate`: FP sampler trajectories of a model folder, recorded as sharded datasets."""
 
-    model: str = "bench/teacher"
+    num_samples: int = 256
+    batch_size: int = 32  # one shard per batch; batch i is recorded by rank i % N
+    model: str = "assets/teacher"
     out: str = "runs/trajectories"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when torch sees a GPU
-    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
-    num_steps: int = 50
-    eta: float = 0.0
-    num_samples: int = 256
-    seed: int = 0  # sample i uses seed + i
-    batch_size: int = 32  # one shard per batch; batch i is recorded by rank i % N
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: sampler forwards under autocast; rows fp32
     selection: Literal["all", "uniform", "random"] = "uniform"
     every: int = 5  # uniform: steps 0, k, 2k, ... of every trajectory (Q-Diffusion)
@@ -103,18 +105,19 @@ class TrajectoryConfig:
     overwrite: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.sample_size < 0:
             raise ValueError(f"sample_size must be >= 0 (0: the model's), got {self.sample_size}")
-        for key in ("num_steps", "num_samples", "batch_size", "every", "random_per_sample"):
+        for key in ("every", "random_per_sample"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.selection == "random" and self.random_per_sample > self.num_steps:
-            raise ValueError(f"random_per_sample ({self.random_per_sample}) exceeds num_steps ({self.num_steps})")
+        if self.selection == "random" and self.random_per_sample > self.steps:
+            raise ValueError(f"random_per_sample ({self.random_per_sample}) exceeds steps ({self.steps})")
 
 
 @dataclass
 class DistillConfig:
-    """Block-wise knowledge distillation (DESIGN.md §3.5). The paper's recipe: batch 32, 5K iterations.
+    """Block-wise knowledge distillation (docs/design.md §3.5). The paper's recipe: batch 32, 5K iterations.
     Data, caching, checkpoints, logging and the seed serve every recipe; `iterations`, `lr_weights`,
     `lr_quant` and `lr_schedule` are the dilatequant recipe's (qdiffusion reads its own section)."""
 
@@ -160,7 +163,7 @@ class DistillConfig:
 
 @dataclass
 class QDiffusionConfig:
-    """Q-Diffusion's block reconstruction (DESIGN.md §3.6), per block: AdaRound on the weights, then the
+    """Q-Diffusion's block reconstruction (docs/design.md §3.6), per block: AdaRound on the weights, then the
     activation step sizes. The paper: 20K and 5K iterations, batch 32."""
 
     rounding_iterations: int = 20000  # per block, phase 1
@@ -191,13 +194,13 @@ class QDiffusionConfig:
 @dataclass
 class TrainConfig:
     """`qdistill train`: block-wise training of a quantized copy of a model folder on its calibration
-    trajectories, by the recipe named in `recipe`: `dilatequant` (Weight Dilation + TPQ + BKD, `distill.*`) or
+    trajectories, by the training method named in `method`: `dilatequant` (Weight Dilation + TPQ + BKD, `distill.*`) or
     `qdiffusion` (AdaRound, then activation step sizes, `qdiffusion.*`)."""
 
-    model: str = "bench/teacher"
+    model: str = "assets/teacher"
     trajectories: str = "runs/trajectories"  # recorded by `qdistill calibrate` from the same model
     out: str = "runs/dilatequant-w4a4"
-    recipe: Literal["dilatequant", "qdiffusion"] = "dilatequant"
+    method: Literal["dilatequant", "qdiffusion"] = "dilatequant"
     deepspeed: str = "zero2.json"  # a DeepSpeed JSON: a path, or a file name in qdistill's configs folder
     overwrite: bool = False  # start over even if `out` holds a checkpoint (default: resume from it)
     threads: int | None = None  # torch threads per rank (torchrun sets 1)
@@ -212,23 +215,13 @@ class TrainConfig:
 
 
 @dataclass
-class MeasureConfig:
+class MeasureConfig(SamplerSettings):
     """The FP sampler trajectories (every step kept) that PTQD's statistics and the mixed-precision schedule
     are measured on: use the sampler the model will sample with."""
 
-    samples: int = 64
-    steps: int = 50
     scheduler: Literal["ddim", "ddpm"] = "ddim"
-    eta: float = 0.0
+    num_samples: int = 64
     seed: int = 200_000  # trajectories use seeds seed, seed+1, ... (apart from calibration's and eval's)
-    batch_size: int = 16
-
-    def __post_init__(self):
-        for key in ("samples", "steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"measure.{key} must be >= 1, got {getattr(self, key)}")
-        if self.eta < 0:
-            raise ValueError(f"measure.eta must be >= 0, got {self.eta}")
 
 
 @dataclass
@@ -279,9 +272,13 @@ class ExportConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplerSettings):
     """`qdistill eval`: judge an export (`qdistill export`) on fixed seeds against the data and the FP model.
     Reads only export folders and, optionally, the FP model folder."""
+
+    num_samples: int = 256
+    seed: int = 100_000  # samples use seeds seed, seed+1, ...
+    batch_size: int = 64
 
     model: str = ""  # the export folder
     reference: str | None = None  # the FP model folder: fidelity metrics (PSNR, SSIM, noise MSE) and ΔFD
@@ -290,15 +287,9 @@ class EvalConfig:
     compile: bool = False  # integer mode through torch.compile (one graph for every step; the first call compiles)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present (integer on CUDA: _int_mm linears)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # bf16/fp16: FP and simulated forwards under autocast
-    scheduler: Literal["ddim", "ddpm", "dpm", "own"] = "ddim"  # own: the model folder's scheduler, as is
-    steps: int = 50
-    eta: float = 0.0
     ptqd: bool | None = None  # PTQD's noise-corrected sampler for the quantized model; None: when the export has it
-    num_samples: int = 256
-    seed: int = 100_000  # samples use seeds seed, seed+1, ...
-    batch_size: int = 64
     fidelity_samples: int = 16  # seeds whose FP trajectory gives the per-step noise-prediction MSE
-    classifier: str = "bench/classifier"  # bench classifier folder (FD features, 1×32×32 models)
+    classifier: str = "assets/classifier"  # bench classifier folder (FD features, 1×32×32 models)
     inception: str | None = None  # a local TorchScript / torch.export feature network file: FID, sFID, IS
     clip: str | None = None  # a local CLIP model folder: CLIP score (text-conditional models)
     prompts: str | None = None  # text file, one prompt per line (text-conditional models)
@@ -307,58 +298,10 @@ class EvalConfig:
     cache_dir: str | None = None  # FP reference cache; default ~/.cache/qdistill/fp_reference
 
     def __post_init__(self):
+        super().__post_init__()
         if self.sample_size < 0:
             raise ValueError(f"sample_size must be >= 0 (0: the model's), got {self.sample_size}")
-        for key in ("steps", "num_samples", "batch_size", "fidelity_samples"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.fidelity_samples < 1:
+            raise ValueError(f"fidelity_samples must be >= 1, got {self.fidelity_samples}")
         if self.compile and self.mode != "integer":
             raise ValueError(f"compile=true is integer mode's compiled path; got mode={self.mode}")
-
-
-@dataclass
-class BenchmarkConfig:
-    """`qdistill benchmark`: FP and every recipe side by side on the bench model (same calibration data, seeds and
-    sampler), each stage run as `qdistill ...` and each row judged by `qdistill eval` on its export. Unset sizes
-    take the full table's defaults (200 iterations, 2000 samples, 50 steps) or, with quick=true, 30, 256, 25."""
-
-    quick: bool = False  # W4A8 only, short training, 256 samples, 25 steps (about 10 minutes on 2 cores)
-    out: str | None = None  # results folder; default runs/benchmark (quick: runs/benchmark-quick)
-    model: str = "bench/teacher"
-    trajectories: str = "runs/trajectories"  # recorded with the `calibrate` config if missing
-    classifier: str = "bench/classifier"
-    configs: str | None = None  # folder of the recipe configs; default the installed ones
-    bits: list[Literal["W8A8", "W4A8", "W4A4"]] | None = None  # default all three (quick: W4A8)
-    recipes: list[Literal["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"]] = field(
-        default_factory=lambda: ["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"])
-    iterations: int | None = None  # training iterations per block
-    num_samples: int | None = None  # samples per row
-    steps: int | None = None  # sampler steps
-    fidelity_samples: int = 16
-    nc_samples: int = 64  # FP trajectories for PTQD's statistics
-    mode: Literal["integer", "simulated"] = "integer"
-    extra_rows: bool = True  # the DDPM and mixed-precision rows
-    keep_sensitive_rows: bool = True  # rtn and dilatequant with quant.keep_sensitive=auto, at every bits
-    noise_floor: bool = True  # the FP model's FD on a second, disjoint seed set
-    e2e_iterations: int = 0  # > 0: dilatequant rows with this many end-to-end iterations after the blocks
-    e2e_inputs: list[Literal["fp", "quantized"]] = field(default_factory=lambda: ["fp", "quantized"])
-    low_rank: int = 0  # > 0: rtn and dilatequant rows with a low-rank float branch of this rank (quant.low_rank)
-    weight_group_size: int = 0  # > 0: rows with group-wise 4-bit weights (quant.weight_group_size)
-    sensitivity_top: int = 3  # each trained model's most sensitive units (`qdistill sensitivity`); 0: none
-    sensitivity_rows: int = 64  # calibration rows that sensitivity measures on
-    update: str | None = None  # also write the table into this Markdown file's marked section
-
-    def __post_init__(self):
-        for key in ("iterations", "num_samples", "steps", "fidelity_samples", "nc_samples", "sensitivity_rows"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        if self.sensitivity_top < 0:
-            raise ValueError(f"sensitivity_top must be >= 0 (0: none), got {self.sensitivity_top}")
-        for key in ("low_rank", "weight_group_size"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0 (0: no such rows), got {getattr(self, key)}")
-        if self.e2e_iterations < 0:
-            raise ValueError(f"e2e_iterations must be >= 0 (0: no end-to-end rows), got {self.e2e_iterations}")

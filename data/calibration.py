@@ -28,10 +28,10 @@ logger = logging.getLogger(__name__)
 def selected_steps(cfg, seed: int) -> set[int]:
     """The steps of sample `seed`'s trajectory that are kept (the documented selection modes)."""
     if cfg.selection == "all":
-        return set(range(cfg.num_steps))
+        return set(range(cfg.steps))
     if cfg.selection == "uniform":
-        return set(uniform_steps(cfg.num_steps, cfg.every))
-    return set(random_steps(seed, cfg.num_steps, cfg.random_per_sample))
+        return set(uniform_steps(cfg.steps, cfg.every))
+    return set(random_steps(seed, cfg.steps, cfg.random_per_sample))
 
 
 def _load_text_pipeline(path: str):
@@ -175,7 +175,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
             return cond
 
         with autocast(device, cfg.precision):
-            _, records = record_trajectories(unet, scheduler, chunk, cfg.num_steps, len(chunk), cfg.eta, None,
+            _, records = record_trajectories(unet, scheduler, chunk, cfg.steps, len(chunk), cfg.eta, None,
                                              batch_cond if cond_for else None, size)
         keep = {s: selected_steps(cfg, s) for s in chunk}
         write_shard(out, i, rows_from_records(records, keep, conds))
@@ -187,7 +187,7 @@ def record_calibration_set(cfg, rank: int = 0, world_size: int = 1, barrier=lamb
         "source_model": str(cfg.model), "source_model_hash": model_hash(cfg.model),
         "model_class": type(unet).__name__,
         "scheduler": {"class": type(scheduler).__name__, "config": json.loads(json.dumps(dict(scheduler.config), default=str))},
-        "num_steps": cfg.num_steps, "eta": cfg.eta,
+        "num_steps": cfg.steps, "eta": cfg.eta,
         "seeds": {"start": cfg.seed, "count": cfg.num_samples, "batch_size": cfg.batch_size},
         "selection": {"mode": cfg.selection, "every": cfg.every, "random_per_sample": cfg.random_per_sample},
         "conditioning": conditioning, "guidance_scale": cfg.guidance_scale,

@@ -1,4 +1,4 @@
-"""Calibration trajectories on disk: `datasets` shards plus a manifest (DESIGN.md §3.1).
+"""Calibration trajectories on disk: `datasets` shards plus a manifest (docs/design.md §3.1).
 
 Layout of a trajectory folder:
 
@@ -30,8 +30,10 @@ import datasets
 import numpy as np
 import torch
 
-from .trajectories import Conditioning, StepRecord
+from ..denoisers import is_flux, latent_name, model_kwargs
+from ..devices import cast_inputs
 from ..errors import CalibrationSetError  # noqa: F401 (raised here; defined with the other user-facing errors)
+from .trajectories import Conditioning, StepRecord
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -192,7 +194,6 @@ def load_shard_list(root: str | Path, model_hash: str | None = None, indices=Non
 def to_model_inputs(batch: dict[str, torch.Tensor], model=None) -> dict[str, torch.Tensor]:
     """A batch of rows → kwargs for `model` (a UNet when None): its latent input by its own name, guidance rows as
     a 2B batch [uncond, cond], and whatever conditioning its family takes (denoisers.py)."""
-    from ..denoisers import is_flux, latent_name, model_kwargs
 
     guided = "negative_encoder_hidden_states" in batch
     both = lambda v: torch.cat([v, v]) if guided else v  # noqa: E731 (the halves share x_t, t, guidance)
@@ -217,3 +218,13 @@ def to_model_inputs(batch: dict[str, torch.Tensor], model=None) -> dict[str, tor
             else batch["text_embeds"],
             "time_ids": torch.cat([batch["time_ids"]] * 2) if guided else batch["time_ids"]}
     return kw
+
+
+def strided_batches(shards, rows: int, batch_size: int, device, dtype=torch.float32, model=None):
+    """About `rows` rows taken evenly from every shard (so all timesteps), as batches of `model`'s inputs (a UNet's
+    when None) on `device` (floating inputs in `dtype`)."""
+    per_shard = max(1, rows // len(shards))
+    for shard in shards:
+        idx = torch.linspace(0, len(shard) - 1, min(per_shard, len(shard))).round().long().tolist()
+        for a in range(0, len(idx), batch_size):
+            yield cast_inputs(to_model_inputs(shard[idx[a:a + batch_size]], model), device, dtype)

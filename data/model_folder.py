@@ -28,7 +28,7 @@ def _class_from_config(config_file: Path):
 
 
 def resolve(path: str | Path) -> tuple[Path, Path | None]:
-    """(denoiser folder, scheduler folder or None) of a model path (`bench/teacher`: the shipped bench model)."""
+    """(denoiser folder, scheduler folder or None) of a model path (`assets/teacher`: the shipped bench model)."""
     path = shipped(path)
     if not path.is_dir():
         raise ModelFolderError(f"model folder not found: {path}")

@@ -1,5 +1,5 @@
-"""Fidelity to the FP model on the same seeds: PSNR of final samples, per-step noise-prediction MSE,
-and an image grid FP | quantized."""
+"""Fidelity to the FP model on the same seeds: PSNR of final samples, per-step noise-prediction MSE, per-block
+output MSE, and an image grid FP | quantized. Sampling both models for them is evaluation/sampling.py's."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,15 @@ from PIL import Image
 
 from ..data.trajectories import predicted_noise, to_device
 from ..quantizers import block_output
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats → uint8, as samples are saved, shown and compared."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +47,7 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, nrow: int = 8) -> P
     """Side-by-side grids of samples in [-1, 1]: one grid per tensor, separated by a gap."""
     tiles = []
     for images in columns:
-        imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()  # B C H W
+        imgs = to_uint8(images).cpu().numpy()  # B C H W
         b, c, h, w = imgs.shape
         rows = (b + nrow - 1) // nrow
         grid = np.zeros((c, rows * (h + 2), nrow * (w + 2)), dtype=np.uint8)
@@ -53,31 +62,6 @@ def save_grid(columns: list[torch.Tensor], path: str | Path, nrow: int = 8) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
     return path
-
-
-def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: int = 16, eta: float = 0.0,
-                  cond_for=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Sample FP and quantized models from the same seeds with the same sampler (unconditional models, or
-    class-conditional ones with `cond_for(batch_seeds)` giving each batch's labels). Returns both final batches
-    and the metrics: mean PSNR of the quantized samples against FP, and the per-step noise-prediction MSE on the
-    FP trajectory's inputs."""
-    from ..data.trajectories import (latent_shape, model_kwargs, record_trajectories, run_sampler, seed_batches,
-                                     seeded_noise, step_generator)
-
-    seeds = list(seeds)
-    fp_final, fp_records = record_trajectories(fp_unet, scheduler, seeds, num_steps, batch_size, eta,
-                                               cond_for=cond_for)
-    shape = latent_shape(fp_unet)
-    q_final = torch.cat([run_sampler(qunet, scheduler, seeded_noise(chunk, shape), num_steps, eta,
-                                     generator=step_generator(chunk), cond=cond_for(chunk) if cond_for else None)
-                         for chunk in seed_batches(seeds, batch_size)])
-    eps_mse = noise_pred_mse(qunet, ((r.step, (), {**model_kwargs(qunet, r.sample, r.timestep),
-                                                   **(r.cond.model_kwargs() if r.cond else {})}, r.noise_pred)
-                                     for r in fp_records))
-    metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
-               "noise_pred_mse_mean": float(np.mean(list(eps_mse.values()))),
-               "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}
-    return fp_final, q_final, metrics
 
 
 @torch.no_grad()

@@ -9,34 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from typing import Sequence
 
 import torch
 from ..denoisers import latent_shape, latent_size, num_classes, predicted_noise
 from ..data.trajectories import (Conditioning, class_labels, run_sampler, seed_batches, seeded_noise,
                                  step_generator)
-from ..distributed_env import rank_environment
 from ..progress import progress
-from .fidelity import noise_pred_mse
-
-
-def init_eval_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank): a gloo group under torchrun or srun, no group for a plain run."""
-    with rank_environment() as (rank, world):
-        local_rank = int(os.environ["LOCAL_RANK"])  # srun's is taken back with the rest at the end
-        if world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
-    return rank, world, local_rank
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats → uint8 as the images are saved."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 127.5 - 1
+from .fidelity import from_uint8, noise_pred_mse, psnr, to_uint8
 
 
 @torch.no_grad()
@@ -99,3 +79,23 @@ def noise_pred_mse_per_step(qunet, calls: list, num_steps: int) -> dict[int, flo
     """Per denoising step, the quantized model's noise-prediction MSE on recorded FP calls (in order:
     num_steps per seed batch)."""
     return noise_pred_mse(qunet, ((i % num_steps, c["args"], c["kwargs"], c["noise_pred"]) for i, c in enumerate(calls)))
+
+
+def compare_to_fp(fp_unet, qunet, scheduler, seeds, num_steps: int, batch_size: int = 16, eta: float = 0.0,
+                  **pipeline_kwargs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """FP and quantized models sampled from the same seeds with the same sampler, as `qdistill eval` samples them
+    (one process). Returns both final batches in [-1, 1] and the metrics: mean PSNR of the quantized samples
+    against FP, and the per-step noise-prediction MSE on the FP trajectories' own inputs."""
+    seeds = list(seeds)
+    q_final = sample_across_ranks(qunet, scheduler, seeds, num_steps, batch_size, eta, desc="quantized samples",
+                                  **pipeline_kwargs)
+    calls: list = []
+    with recorded_calls(fp_unet, calls):
+        fp_final = sample_across_ranks(fp_unet, scheduler, seeds, num_steps, batch_size, eta, desc="FP samples",
+                                       **pipeline_kwargs)
+    eps_mse = noise_pred_mse_per_step(qunet, calls, num_steps)
+    fp_final, q_final = from_uint8(fp_final), from_uint8(q_final)
+    metrics = {"psnr_db": float(psnr(q_final, fp_final).mean()),
+               "noise_pred_mse_mean": sum(eps_mse.values()) / len(eps_mse),
+               "noise_pred_mse_per_step": eps_mse, "num_samples": len(seeds)}
+    return fp_final, q_final, metrics

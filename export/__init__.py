@@ -1,5 +1,5 @@
 """The folders qdistill writes and reads back (export/formats.py): saved quantized models
-(export/quantized.py) and PTQ-ready exports with packed integer weights (export/packed.py, DESIGN.md §5)."""
+(export/quantized.py) and PTQ-ready exports with packed integer weights (export/packed.py, docs/design.md §5)."""
 from ..errors import CheckpointError, ExportError
 from .packed import (EXPORT_FILE, NOISE_CORRECTION_FILE, export_model, load_exported, load_noise_correction,
                      read_export_meta)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..denoisers import latent_name
 from ..errors import ExportError
 from ..files import atomic_dir, sha256_file
 from ..quantizers.attention import QuantAttnProcessor
@@ -41,6 +42,8 @@ from ..quantizers.layers import QUANT_LAYERS
 from ..quantizers.routing import nearest_rows
 from ..quantizers.temporal import TemporalQuantizer
 from ..quantizers.uniform import params_from_range, qrange
+from ..version import __version__
+from .packed import load_exported
 
 logger = logging.getLogger(__name__)
 
@@ -315,8 +318,6 @@ class _Denoiser(nn.Module):
 
 def model_inputs(model: nn.Module, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """Example inputs of the diffusers model, by name (what the graph's inputs are called)."""
-    from ..denoisers import latent_name
-
     if latent_name(model) != "sample":
         raise ExportError(f"ONNX export of {type(model).__name__} is not supported yet: UNets only")
     g = torch.Generator().manual_seed(seed)
@@ -362,8 +363,6 @@ def export_graph(model: nn.Module, path: Path) -> list[str]:
 
 def write_onnx_folder(graphs: list[tuple[nn.Module, list[float]]], out: Path, config: dict, **record) -> dict:
     """Each (model, timesteps) of `graphs` as out/group_K.onnx, and the manifest, written atomically."""
-    from .. import __version__
-
     require_onnx()
     manifest = {"format": "qdistill-onnx", "format_version": 1, "qdistill_version": __version__, "opset": OPSET,
                 **record, "config": config, "groups": [], "files": {}}
@@ -388,8 +387,6 @@ def _config(model: nn.Module) -> dict:
 def export_onnx(export_dir: str | Path, groups: int = 1, out: str | Path | None = None) -> dict:
     """The qdistill export at `export_dir` as ONNX QDQ graphs, one per timestep group, in `out` (default
     EXPORT/onnx); returns the manifest."""
-    from .packed import load_exported
-
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ExportError(f"onnx_groups must be an integer >= 1, got {groups!r}")
     export_dir = Path(export_dir)

@@ -42,6 +42,7 @@ from ..quantizers.step_weights import StepWeights
 from ..quantizers.uniform import UniformQuantizer
 from ..errors import ExportError
 from ..files import atomic_dir, sha256_file
+from ..version import __version__
 from .formats import EXPORT as FORMAT, EXPORT_VERSION as FORMAT_VERSION, build_model, save_model_config
 
 EXPORT_FILE, META_FILE = "model.safetensors", "quant_config.json"
@@ -112,8 +113,6 @@ def export_model(model: nn.Module, out_dir: str | Path, *, recipe: str, source_m
                  noise_correction: NoiseCorrection | None = None, extra: dict | None = None) -> dict:
     """Write `model` (prepared by quantize_, calibrated or trained) to `out_dir` atomically; returns the
     size report (bytes). `noise_correction`: PTQD statistics to store beside the model."""
-    from .. import __version__
-
     config: QuantConfig | None = getattr(model, "qdistill_config", None)
     if config is None:
         raise ExportError("export needs a model prepared by quantize_ (it has no qdistill_config)")

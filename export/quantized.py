@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import CheckpointError
 from ..files import atomic_dir
 from ..quantizers import QuantConfig, quantize_
+from ..version import __version__
 from .formats import QUANTIZED, QUANTIZED_VERSION, build_model, save_model_config
 
 STATE_FILE = "quantized_state.safetensors"
@@ -22,8 +23,6 @@ META_FILE = "quant_config.json"
 def save_quantized(model, out_dir: str | Path, **metadata) -> Path:
     """Write the quantized model's full state, its quant config and its diffusers config to `out_dir`;
     `metadata` (recipe, source model and hash, run config) is recorded in quant_config.json."""
-    from .. import __version__
-
     config: QuantConfig = model.qdistill_config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": QUANTIZED, "format_version": QUANTIZED_VERSION, "qdistill_version": __version__,

@@ -1,4 +1,4 @@
-"""AdaRound: learned rounding of weights (Nagel et al. 2020), as Q-Diffusion uses it (DESIGN.md §3.6).
+"""AdaRound: learned rounding of weights (Nagel et al. 2020), as Q-Diffusion uses it (docs/design.md §3.6).
 
 Every weight chooses to round down or up on the grid of its layer's existing weight quantizer (Δ, z per
 output channel, fixed):

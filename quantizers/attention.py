@@ -1,4 +1,4 @@
-"""Attention quantization through a diffusers attention processor (DESIGN.md §3.8).
+"""Attention quantization through a diffusers attention processor (docs/design.md §3.8).
 
 The projections to_q/to_k/to_v/to_out are already QuantLinear layers; this processor adds the two
 activation-activation matmuls: Q and K before QKᵀ, the softmax probabilities and V before P·V. It is

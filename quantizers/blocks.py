@@ -1,4 +1,4 @@
-"""Distillation blocks of a diffusers model (DESIGN.md §3.5), found from the module tree.
+"""Distillation blocks of a diffusers model (docs/design.md §3.5), found from the module tree.
 
 A block is one module, called once per model forward, so that it can be run on its own from captured
 inputs: a module of one of the diffusers block types (the time embedding, every ResnetBlock2D, every

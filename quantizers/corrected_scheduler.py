@@ -1,4 +1,4 @@
-"""A diffusers scheduler that samples a quantized UNet with PTQD's noise correction (DESIGN.md §3.7).
+"""A diffusers scheduler that samples a quantized UNet with PTQD's noise correction (docs/design.md §3.7).
 
 `NoiseCorrectedScheduler(scheduler, correction)` wraps a real `DDIMScheduler` (any η) or `DDPMScheduler`
 (variance_type fixed_small). Its `step`:

@@ -1,4 +1,4 @@
-"""Weight Dilation (DilateQuant; DESIGN.md §3.3).
+"""Weight Dilation (DilateQuant; docs/design.md §3.3).
 
 The SmoothQuant identity Y = (X / s)(s · W) with a per-input-channel s ≥ 1 computed from the weights
 alone. Weights are quantized per output channel, so dilating an input channel that supplies no output

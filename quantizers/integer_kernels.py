@@ -1,5 +1,5 @@
 """The integer kernels of the `integer` inference mode, and the only module that names a backend
-(DESIGN.md §5: torch.ao.quantization is moving to torchao, so the choice stays swappable here).
+(docs/design.md §5: torch.ao.quantization is moving to torchao, so the choice stays swappable here).
 
 CPU: oneDNN through PyTorch's x86 ops: uint8 activations (per-tensor scale and zero point) times int8 weights
 (per-output-channel scales, zero point 0), int32 accumulation, float32 output with the bias added. Codes of

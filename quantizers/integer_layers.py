@@ -188,6 +188,8 @@ def _weight_parts(weight: torch.Tensor, quantizer, bias, is_conv: bool, conv_arg
 class IntegerLayer(nn.Module):
     """A QuantConv2d or QuantLinear on integer kernels; same inputs, same outputs (float)."""
 
+    computes_on_codes = True  # set_quantization refuses a model holding one (it cannot compute unquantized)
+
     def __init__(self, layer: nn.Module, linear_kernel: str = "onednn"):
         super().__init__()
         self.is_conv = isinstance(layer, QuantConv2d)
@@ -332,6 +334,11 @@ def to_integer(model: nn.Module, linear_kernel: str | None = None) -> dict:
     warned once. Attention modules run their matmuls in float on the quantized values (PyTorch has no batched
     int8 matmul on CPU), the probabilities as codes (integer_attention.py).
     """
+    off = [n for n, m in model.named_modules() if (isinstance(m, TemporalQuantizer) and not m.enabled) or (
+        isinstance(m, QUANT_LAYERS) and any(not q.enabled for q in m.weight_quantizers))]
+    if off:
+        raise ValueError(f"integer mode runs the model quantized, but set_quantization turned quantization off in "
+                         f"{len(off)} module(s) (e.g. {off[0]}): turn it back on, or run the model simulated")
     param = next(model.parameters(), None)
     linear_kernel = linear_kernel or linear_kernel_for(param.device if param is not None else torch.device("cpu"))
     if linear_kernel not in ("onednn", "int_mm"):

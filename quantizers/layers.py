@@ -4,7 +4,7 @@ They subclass the float layers, keep the same `weight`/`bias` parameters (so the
 and `isinstance` checks still work) and only change `forward`.
 
 Input channels may be split into groups that get their own input quantizer and their own weight
-quantizer over that slice of the weight (Q-Diffusion's shortcut splitting, DESIGN.md §3.2): the layer
+quantizer over that slice of the weight (Q-Diffusion's shortcut splitting, docs/design.md §3.2): the layer
 then behaves like two layers summed, one per half of `concat(h_deep, h_skip)`.
 
 Weight Dilation (§3.3) stores s per input channel in the `dilation_scale` buffer: the weight holds s·W and

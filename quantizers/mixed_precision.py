@@ -1,4 +1,4 @@
-"""PTQD's step-aware mixed precision (DESIGN.md §3.7): a low- or high-precision setting per denoising step.
+"""PTQD's step-aware mixed precision (docs/design.md §3.7): a low- or high-precision setting per denoising step.
 
 Quantization noise hurts little while the sample is still mostly noise and a lot at the end of sampling. At
 each step the residual noise that the low-precision model adds to the update, |c_t|·σ_q(t) (c_t the coefficient
@@ -15,9 +15,9 @@ bit-width (`TemporalQuantizer.row_bits`), and a layer whose weight bits switch h
 `step_weights` with the steps that use it (quantizers/step_weights.py). Checkpoints, exports (two weight
 copies), `integer` mode and every sampler then use each step's bits with no further plumbing.
 
-Bit-operations (BOPs) count the multiply-accumulates of every Conv2d/Linear, weighted by weight bits ×
-activation bits (32 × 32 for floating-point layers and low-rank branches); attention's two activation-activation matmuls are not
-counted (they are the same in every schedule).
+Choosing the schedule needs the model run on FP trajectories: that is qdistill.analysis.step_bits (plan_step_bits);
+this module holds the model surgery it applies. Bit-operations are counted as qdistill.cost counts them, with
+each layer's bits at the step (`bit_operations`; low-rank branches at 32 × 32).
 """
 from __future__ import annotations
 
@@ -29,14 +29,13 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..cost import FP_BITS
 from .dilation import dilate_weight
 from .layers import QUANT_LAYERS
+from .quantize import fit_ranges_
 from .step_weights import StepWeights
 from .temporal import TemporalQuantizer
 from .uniform import UniformQuantizer
-
-FP_BITS = 32
-
 
 @dataclass
 class StepBits:
@@ -59,26 +58,6 @@ class StepBits:
         return {"timesteps": self.timesteps, "high_precision": self.high, "act_bits": self.act_bits,
                 "weight_bits": self.weight_bits, "noise_ratio": self.noise_ratio, "bops_per_step": self.bops,
                 "fp_bops_per_step": self.fp_bops, "relative_bops": self.relative_bops}
-
-
-@torch.no_grad()
-def layer_macs(model: nn.Module, model_kwargs: dict) -> dict[str, int]:
-    """Multiply-accumulates per sample of every Conv2d/Linear in one forward with `model_kwargs`."""
-    macs: dict[str, int] = {}
-
-    def hook(name):
-        def count(module, args, output):
-            per_out = module.weight[0].numel()  # in/groups · kh · kw, or in_features
-            macs[name] = macs.get(name, 0) + output.numel() // output.shape[0] * per_out
-        return count
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        model(**model_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    return macs
 
 
 def bit_operations(model: nn.Module, macs: dict[str, int], timestep: float) -> float:
@@ -126,9 +105,7 @@ def choose_high_steps(noise_ratio: Sequence[float], bops_low: Sequence[float], b
 
 def with_act_bits(model: nn.Module, from_bits: int, to_bits: int, batches: Iterable[dict]) -> nn.Module:
     """A copy of `model` whose `from_bits` activation quantizers run at `to_bits`, calibrated per timestep on
-    `batches` (FP-chain statistics, as `calibrate_`); weights are the model's own."""
-    from .quantize import calibrate_  # quantize imports this module's siblings; keep the import local
-
+    `batches` (FP-chain statistics, as `fit_ranges_`); weights are the model's own."""
     high = copy.deepcopy(model)
     switched = {name for name, q in high.named_modules() if isinstance(q, TemporalQuantizer) and q.bits == from_bits}
     if not switched:
@@ -136,8 +113,8 @@ def with_act_bits(model: nn.Module, from_bits: int, to_bits: int, batches: Itera
     for name in switched:
         q = high.get_submodule(name)
         q.bits, q.per_timestep = to_bits, True
-    calibrate_(high, batches)
-    # calibrate_ re-initialises every table; the quantizers that were not switched keep the model's own
+    fit_ranges_(high, batches)
+    # fit_ranges_ re-initialises every table; the quantizers that were not switched keep the model's own
     original = dict(model.named_modules())
     for name, q in high.named_modules():
         if isinstance(q, TemporalQuantizer) and name not in switched:
@@ -218,7 +195,7 @@ def apply_step_bits(low_model: nn.Module, high_model: nn.Module, timesteps: Sequ
     return low_model
 
 
-def _switched_bits(low_model: nn.Module, high_model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
+def switched_bits(low_model: nn.Module, high_model: nn.Module) -> tuple[tuple[int, int], tuple[int, int]]:
     """((low, high) weight bits, (low, high) activation bits) of the quantizers that differ; a side that does
     not switch reports the low model's config bits twice."""
     cfg = low_model.qdistill_config
@@ -234,36 +211,3 @@ def _switched_bits(low_model: nn.Module, high_model: nn.Module) -> tuple[tuple[i
         raise ValueError(f"the low and high models must differ in one pair of weight and/or activation bit-widths, "
                          f"got weights {sorted(w)}, activations {sorted(a)}")
     return (w.pop() if w else (cfg.weight_bits,) * 2), (a.pop() if a else (cfg.act_bits,) * 2)
-
-
-@torch.no_grad()
-def plan_step_bits(low_model: nn.Module, high_model: nn.Module, scheduler, num_steps: int, records: Sequence,
-                   budget: float | None = None, eta: float = 0.0) -> StepBits:
-    """Choose each step's precision for `scheduler` at `num_steps` steps (see the module docstring) and apply
-    the schedule to `low_model` in place. `records`: FP trajectory steps of that sampler
-    (`record_trajectories(..., keep_steps=None)`), on which the low model's PTQD residual σ_q is measured.
-    `budget`: bit-operations of the whole run relative to the FP model's (None: the noise rule alone)."""
-    from ..denoisers import model_kwargs
-    from .corrected_scheduler import NoiseCorrectedScheduler
-    from .noise_correction import measure_noise_correction
-
-    w_pair, a_pair = _switched_bits(low_model, high_model)
-    residual = measure_noise_correction(low_model, records)
-    noise = NoiseCorrectedScheduler(scheduler, residual)
-    scheduler.set_timesteps(num_steps)
-    timesteps = [float(t) for t in scheduler.timesteps]
-    ratio = []
-    for t in timesteps:
-        step = noise.step_noise(int(t), eta)
-        own = (1 - step.alpha_prev) ** 0.5  # the noise the sampler's next sample still carries
-        ratio.append(abs(step.c) * residual.residual_std(t) / own if own > 0 else float("inf"))
-    first = records[0]
-    macs = layer_macs(low_model, model_kwargs(low_model, first.sample[:1], first.timestep[:1]))
-    fp_bops = float(sum(macs.values()) * FP_BITS * FP_BITS)
-    bops_low = [bit_operations(low_model, macs, t) for t in timesteps]
-    bops_high = [bit_operations(high_model, macs, t) for t in timesteps]
-    high = choose_high_steps(ratio, bops_low, bops_high,
-                             None if budget is None else budget * fp_bops * len(timesteps))
-    apply_step_bits(low_model, high_model, timesteps, high)
-    return StepBits(timesteps, high, [a_pair[h] for h in high], [w_pair[h] for h in high], ratio,
-                    [bit_operations(low_model, macs, t) for t in timesteps], fp_bops)

@@ -1,4 +1,4 @@
-"""PTQD's quantization-noise statistics (DESIGN.md §3.7): how the quantized UNet's noise prediction ε_q
+"""PTQD's quantization-noise statistics (docs/design.md §3.7): how the quantized UNet's noise prediction ε_q
 departs from the FP one ε on the FP trajectory, per denoising step.
 
 With Δ_t = ε_q − ε at timestep t, split into a part correlated with ε, a per-channel bias and a residual:
@@ -12,7 +12,8 @@ b_t[c] = mean(Δ_c) − k_t·mean(ε_c). Statistics are accumulated as per-(time
 float64, so any number of records, steps and channels is measured in one streaming pass.
 
 Sampling with the correction (and the variance-schedule calibration that uses σ_q) is
-`quantizers/corrected_scheduler.py`. No I/O here.
+`quantizers/corrected_scheduler.py`; running a model over FP trajectories to fill the moments is
+qdistill.analysis.noise_statistics. No I/O here.
 """
 from __future__ import annotations
 
@@ -156,20 +157,4 @@ def estimate_noise_correction(eps_fp: torch.Tensor, eps_q: torch.Tensor, timeste
     their timesteps [N]."""
     moments = NoiseMoments()
     moments.add(eps_fp, eps_q, timesteps)
-    return moments.estimate()
-
-
-@torch.no_grad()
-def measure_noise_correction(qunet: torch.nn.Module, records: Iterable) -> NoiseCorrection:
-    """Run the quantized UNet on FP trajectory inputs (`StepRecord`s of `record_trajectories(...,
-    keep_steps=None)`: `.sample`, `.timestep`, `.noise_pred`, `.cond`) and estimate the statistics. With
-    conditioning, the prediction measured is the one the sampler uses (the guided one under guidance)."""
-    from ..data.trajectories import predict_noise
-
-    moments = NoiseMoments()
-    device = next(qunet.parameters()).device
-    for record in records:
-        cond = getattr(record, "cond", None)
-        eps_q = predict_noise(qunet, record.sample.to(device), record.timestep.to(device), cond)
-        moments.add(record.noise_pred, eps_q, record.timestep)
     return moments.estimate()

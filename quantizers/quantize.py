@@ -3,7 +3,7 @@ in place.
 
 The model keeps its class and call signature, so it still runs inside diffusers pipelines. After
 `quantize_`, weights are quantized (ranges from the weights alone); activation tables are filled by
-`calibrate_(model, batches)` from the model's own inputs along sampler trajectories.
+`fit_ranges_(model, batches)` from the model's own inputs along sampler trajectories.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .uniform import check_bits
 
 @dataclass
 class QuantConfig:
-    """What to quantize and how. Every choice of DESIGN.md §3.8 is a key here."""
+    """What to quantize and how. Every choice of docs/design.md §3.8 is a key here."""
 
     weight_bits: int = 4
     act_bits: int = 8
@@ -144,7 +144,7 @@ def _route_timesteps(model, args, kwargs):
 
 def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weights: bool = True) -> nn.Module:
     """Quantize `model` in place and return it (torchao-style). Weights are ready at return;
-    activations need `calibrate_`. `init_weights=False` builds the quantized structure only, for loaders whose
+    activations need `fit_ranges_`. `init_weights=False` builds the quantized structure only, for loaders whose
     saved state replaces the weights, the dilation and every range (Weight Dilation and the weight-range
     search would be thrown away)."""
     config = config or QuantConfig()
@@ -152,8 +152,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
         raise ValueError("model is already quantized")
     if config.keep_sensitive == "auto":
         raise ValueError("quant.keep_sensitive=auto is chosen from data: resolve it with "
-                         "select_sensitive_layers(fp_model, config, init_batches, batches) and quantize_ with the "
-                         "config it returns")
+                         "qdistill.analysis.layer_choice.resolve_keep_sensitive(fp_model, config, ...) and quantize_ "
+                         "with the config it returns")
     bits = assign_layer_bits(model, config)
     splits = shortcut_splits(model) if config.shortcut_split else {}
 
@@ -190,7 +190,12 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, *, init_weigh
 
 
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> None:
-    """Turn fake quantization of weights and/or activations on or off (dilation stays: it is exact)."""
+    """Turn fake quantization of weights and/or activations on or off (dilation stays: it is exact). A model in
+    integer mode (`to_integer`) computes on integer codes and cannot: it is refused."""
+    integer = next((n for n, m in model.named_modules() if getattr(m, "computes_on_codes", False)), None)
+    if integer is not None:
+        raise ValueError(f"set_quantization: the model runs in integer mode ({integer} computes on integer codes); "
+                         "turn quantization off on a simulated model (load_exported(..., mode='simulated'))")
     for m in model.modules():
         if isinstance(m, TemporalQuantizer):
             m.enabled = activations
@@ -200,7 +205,7 @@ def set_quantization(model: nn.Module, weights: bool = True, activations: bool =
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable[dict], method: str | None = None) -> nn.Module:
+def fit_ranges_(model: nn.Module, batches: Iterable[dict], method: str | None = None) -> nn.Module:
     """Fill every activation table from the model's inputs in `batches` (kwargs dicts for `model(**kw)`).
 
     Statistics are observed on the floating-point chain (weights unquantized), per timestep of each
@@ -208,7 +213,7 @@ def calibrate_(model: nn.Module, batches: Iterable[dict], method: str | None = N
     """
     config = getattr(model, "qdistill_config", None)
     if config is None:
-        raise ValueError("calibrate_ needs a model prepared by quantize_")
+        raise ValueError("fit_ranges_ needs a model prepared by quantize_")
     quantizers = [m for m in model.modules() if isinstance(m, TemporalQuantizer)]
     set_quantization(model, weights=False, activations=False)
     for q in quantizers:

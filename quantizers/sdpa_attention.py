@@ -1,5 +1,5 @@
 """Attention quantization for any attention processor: Q, K, V and the softmax probabilities of the
-`scaled_dot_product_attention` calls the model's own processor makes (DESIGN.md §3.8).
+`scaled_dot_product_attention` calls the model's own processor makes (docs/design.md §3.8).
 
 Transformer families compute attention in processors of their own: SD3's joint attention concatenates the text
 and image streams, Flux applies RoPE and QK-norm, PixArt masks captions. Rewriting each would fork diffusers.

@@ -1,6 +1,6 @@
 """A second, higher-bit copy of a quantized layer's weight, and the sampler steps that use it.
 
-PTQD's step-aware mixed precision (DESIGN.md §3.7, quantizers/mixed_precision.py) may switch weight bits per
+PTQD's step-aware mixed precision (docs/design.md §3.7, quantizers/mixed_precision.py) may switch weight bits per
 step as well as activation bits: a layer then holds its own low-bit weight and this copy (e.g. the FP model's
 weight at 8 bits, dilated like the layer's), each with its own per-output-channel quantizers, so an export packs
 two sets of integer codes. Which steps use the copy is a table (the schedule's timesteps and, per step, whether

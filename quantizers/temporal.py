@@ -1,4 +1,4 @@
-"""Temporal Parallel Quantizer (DilateQuant; DESIGN.md §3.4).
+"""Temporal Parallel Quantizer (DilateQuant; docs/design.md §3.4).
 
 An activation quantizer holding a table of (Δ, z), one row per calibrated timestep. Every sample in a
 batch uses the row of its own timestep (a gather by index), so one batch may mix timesteps and all

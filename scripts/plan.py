@@ -4,7 +4,7 @@
                            [--ranks 1,8] [key=value ...]
 
 --model: a model folder (unet/config.json), a diffusers config.json, or a shape name (sd-1.5, sdxl,
-ddpm-cifar10: qdistill.bench.unet_shapes). key=value overrides are `qdistill train`'s (distill.batch_size=...,
+ddpm-cifar10: qdistill.model_shapes). key=value overrides are `qdistill train`'s (distill.batch_size=...,
 precision=bf16, deepspeed=zero1.json, ...). Prints one Markdown table, a column per rank count.
 """
 import sys

@@ -6,7 +6,6 @@
     from qdistill.stages import train
     metrics = train(load_config(TrainConfig, "dilatequant", ["distill.iterations=10"]))
 """
-from .benchmark import benchmark
 from .calibrate import calibrate
 from .evaluate import evaluate
 from .export import export
@@ -15,6 +14,6 @@ from .sensitivity import sensitivity
 from .train import train
 
 STAGES = {"calibrate": calibrate, "quantize": quantize, "train": train, "export": export, "eval": evaluate,
-          "benchmark": benchmark, "sensitivity": sensitivity}
+          "sensitivity": sensitivity}
 
-__all__ = ["STAGES", "benchmark", "calibrate", "evaluate", "export", "quantize", "sensitivity", "train"]
+__all__ = ["STAGES", "calibrate", "evaluate", "export", "quantize", "sensitivity", "train"]

@@ -27,11 +27,15 @@ from ..data.model_folder import (convert_scheduler, load_denoiser, load_pipeline
                                  scheduler_from_file)
 from ..denoisers import text_dim
 from ..devices import autocast, resolve_device
-from ..distributed_env import from_rank0
+from ..distributed_env import from_rank0, process_group
 from ..errors import ConfigError, ExportError
-from ..evaluation.fidelity import psnr, save_grid
+from ..evaluation.classifier_fd import BenchClassifier, classifier_quality
+from ..evaluation.clip import clip_score
+from ..evaluation.fidelity import from_uint8, psnr, save_grid
+from ..evaluation.frechet import frechet_distance
+from ..evaluation.inception import inception_metrics, load_feature_network
 from ..evaluation.reference_cache import default_cache_dir, load_reference, reference_key, save_reference
-from ..evaluation.sampling import (from_uint8, init_eval_distributed, noise_pred_mse_per_step, recorded_calls,
+from ..evaluation.sampling import (noise_pred_mse_per_step, recorded_calls,
                                    sample_across_ranks, sample_batch)
 from ..export import load_exported, load_noise_correction, read_export_meta
 from ..files import atomic_write_text, shipped
@@ -45,7 +49,11 @@ def evaluate(cfg: EvalConfig) -> dict | None:
     other ranks)."""
     if not cfg.model:
         raise ConfigError("config key 'model' is required: the export folder to evaluate (model=EXPORT)")
-    rank, world, local_rank = init_eval_distributed()
+    with process_group("gloo") as (rank, world, local_rank):
+        return _evaluate(cfg, rank, world, local_rank)
+
+
+def _evaluate(cfg: EvalConfig, rank: int, world: int, local_rank: int) -> dict | None:
     log = logger.info if rank == 0 else (lambda msg: None)
     out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval"
     ptqd = cfg.ptqd
@@ -166,7 +174,6 @@ def evaluate(cfg: EvalConfig) -> dict | None:
         log_table(metrics)
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return metrics if rank == 0 else None
 
 
@@ -178,19 +185,13 @@ def compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs) -> dict
     fp = from_uint8(fp_images) if fp_images is not None else None
     classifier = shipped(cfg.classifier)
     if (classifier / "config.json").is_file() and tuple(q.shape[1:]) == (1, 32, 32):
-        from qdistill.bench.quality import bench_quality
-        from qdistill.bench.classifier_net import BenchClassifier
-        from qdistill.evaluation.frechet import frechet_distance
-
-        record = bench_quality(q, classifier)
+        record = classifier_quality(q, classifier)
         metrics.update(fd=record["fd"], min_class_share=record["min_class_share"])
         if fp is not None:
-            metrics["fd_fp"] = bench_quality(fp, classifier)["fd"]
+            metrics["fd_fp"] = classifier_quality(fp, classifier)["fd"]
             metrics["delta_fd"] = metrics["fd"] - metrics["fd_fp"]
             metrics["fd_vs_fp_samples"] = frechet_distance(BenchClassifier.load(classifier).features, q, fp)
     if cfg.inception and fp_images is not None:
-        from qdistill.evaluation.inception import inception_metrics, load_feature_network
-
         network = load_feature_network(cfg.inception)
         metrics.update({f"{k}_vs_fp": v for k, v in inception_metrics(network, q_images, fp_images).items()
                         if k != "is"})
@@ -207,8 +208,6 @@ def compute_metrics(cfg, q_images, fp_images, calls, qunet, pipe_kwargs) -> dict
         metrics["noise_pred_mse_mean"] = sum(per_step.values()) / len(per_step)
         metrics["noise_pred_mse_per_step"] = per_step
     if cfg.clip and "prompts" in pipe_kwargs:
-        from qdistill.evaluation.clip import clip_score
-
         prompts = [pipe_kwargs["prompts"][s % len(pipe_kwargs["prompts"])]
                    for s in range(cfg.seed, cfg.seed + cfg.num_samples)]
         metrics["clip_score"] = clip_score(q_images, prompts, cfg.clip)

@@ -10,7 +10,7 @@ The config is `ExportConfig` (configs/schema.py; `--run` and `--out` are shortha
 written atomically (see export/folder.py for its layout). Load it back with
 `qdistill.export.load_exported(OUT, mode="simulated" | "integer")`.
 
-noise_correction=true (PTQD, DESIGN.md §3.7): records FP trajectories of the run's source model (`measure.*`,
+noise_correction=true (PTQD, docs/design.md §3.7): records FP trajectories of the run's source model (`measure.*`,
 every step kept), runs the quantized model (simulated) on their inputs, and stores the per-step statistics
 (slope k, per-channel bias b, residual std σ_q) in the export; `qdistill eval` samples with them.
 
@@ -43,8 +43,10 @@ from ..errors import ConfigError, ExportError, ModelFolderError
 from ..export import export_model, load_quantized
 from ..export.onnx_qdq import ONNX_DIR, export_onnx
 from ..export.quantized import quantized_folder, read_quantized_meta
-from ..quantizers import NoiseCorrection, bits_tag, measure_noise_correction
-from ..quantizers.mixed_precision import StepBits, plan_step_bits, with_act_bits, with_weight_bits
+from ..analysis.noise_statistics import measure_noise_correction
+from ..analysis.step_bits import plan_step_bits
+from ..quantizers import NoiseCorrection, bits_tag
+from ..quantizers.mixed_precision import StepBits, with_act_bits, with_weight_bits
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def export(cfg: ExportConfig) -> dict:
         with autocast(device, cfg.precision):
             fp, records, scheduler = fp_trajectories(model, meta, cfg)
         measured_on = {"source_model": meta["source_model"], **to_dict(cfg.measure),
-                       "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.samples], "model_mode": "simulated",
+                       "seeds": [cfg.measure.seed, cfg.measure.seed + cfg.measure.num_samples], "model_mode": "simulated",
                        "precision": cfg.precision}
         if cfg.mixed_precision.enabled:
             with autocast(device, cfg.precision):
@@ -132,8 +134,8 @@ def fp_trajectories(model, meta: dict, cfg: ExportConfig) -> tuple[object, list,
     fp = load_denoiser(meta["source_model"]).eval().to(device)
     scheduler = load_scheduler(meta["source_model"], m.scheduler)
     cond_for = measurement_conditioning(fp, meta, m.seed, device)
-    seeds = list(range(m.seed, m.seed + m.samples))
-    logger.info(f"PTQD: {m.samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "
+    seeds = list(range(m.seed, m.seed + m.num_samples))
+    logger.info(f"PTQD: {m.num_samples} FP trajectories of {meta['source_model']}, {m.scheduler} {m.steps} steps "
                 f"eta={m.eta}, all steps measured, {cfg.precision}")
     records = [record for chunk in seed_batches(seeds, m.batch_size)
                for record in record_trajectories(fp, scheduler, chunk, m.steps, m.batch_size, m.eta,

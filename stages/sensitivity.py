@@ -4,7 +4,7 @@
 2. the quantized model: a trained one (`quantized=RUN`), or RTN per `quant.*` (quantize_ a copy, activation ranges
    from `init_rows` rows);
 3. for every quantized layer and attention processor, the noise-prediction MSE against FP with only it quantized
-   and with only it left in FP, over `rows` rows, overall and per timestep bucket (evaluation/sensitivity.py);
+   and with only it left in FP, over `rows` rows, overall and per timestep bucket (analysis/sensitivity.py);
 4. OUT/sensitivity.json (everything), OUT/sensitivity.md (the sorted table), OUT/sensitivity.png (a bar chart of
    the top units), TensorBoard in OUT/tb (table and chart); the top rows are printed.
 """
@@ -17,18 +17,17 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.layer_choice import resolve_keep_sensitive
+from ..analysis.sensitivity import chart_array, layer_sensitivity, sensitivity_chart, sensitivity_table
 from ..configs import to_dict
 from ..configs.schema import SensitivityConfig
-from ..data.calibration_set import load_shard_list, read_manifest
+from ..data.calibration_set import load_shard_list, read_manifest, strided_batches
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
 from ..devices import resolve_device
 from ..errors import CheckpointError
-from ..evaluation.sensitivity import chart_array, layer_sensitivity, sensitivity_chart, sensitivity_table
 from ..export.quantized import load_quantized, quantized_folder, read_quantized_meta
 from ..files import atomic_write_text
-from ..quantizers import calibrate_, quantize_
-from ..quantizers.layer_precision import select_sensitive_layers, selection_summary
-from ..trainer.student import init_batches
+from ..quantizers import fit_ranges_, quantize_
 
 logger = logging.getLogger(__name__)
 
@@ -53,24 +52,20 @@ def sensitivity(cfg: SensitivityConfig) -> dict:
         model = load_quantized(qdir, device=device)
         what = f"{qdir} ({model.qdistill_config.tag}, trained)"
     else:
-        quant = cfg.quant
-        if quant.keep_sensitive == "auto":  # the model that selection makes, measured afresh
-            torch.manual_seed(cfg.seed)
-            quant, selection = select_sensitive_layers(
-                fp, quant, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype, fp),
-                init_batches(shards, quant.keep_sensitive_rows, cfg.batch_size, device, dtype, fp),
-                load_scheduler(cfg.model).config.num_train_timesteps)
-            logger.info(selection_summary(selection))
+        rows = lambda n: strided_batches(shards, n, cfg.batch_size, device, dtype, fp)  # noqa: E731
+        quant = resolve_keep_sensitive(fp, cfg.quant, lambda: rows(cfg.init_rows),  # the model selection makes
+                                       lambda: rows(cfg.quant.keep_sensitive_rows),
+                                       load_scheduler(cfg.model).config.num_train_timesteps, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         model = quantize_(copy.deepcopy(fp), quant)
-        calibrate_(model, init_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype, fp))
+        fit_ranges_(model, strided_batches(shards, cfg.init_rows, cfg.batch_size, device, dtype, fp))
         what = f"RTN {quant.tag} ({quant.act_init} activation ranges from {cfg.init_rows} rows)" + (
             f", {len(quant.layer_bits)} layer_bits entries" if quant.layer_bits else "")
     model.eval()
     logger.info(f"{type(fp).__name__} from {cfg.model}, {what}, on {device}; {manifest['num_rows']} calibration rows")
 
     # 3. the errors
-    batches = list(init_batches(shards, cfg.rows, cfg.batch_size, device, dtype, fp))
+    batches = list(strided_batches(shards, cfg.rows, cfg.batch_size, device, dtype, fp))
     timesteps = load_scheduler(cfg.model).config.num_train_timesteps
     report = layer_sensitivity(fp, model, batches, cfg.buckets, timesteps)
     report = {"model": str(cfg.model), "quantized": what, "bits": model.qdistill_config.tag, **report,

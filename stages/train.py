@@ -1,4 +1,4 @@
-"""train: quantize a diffusers model block by block on DeepSpeed, by the config's `recipe`: DilateQuant (Weight
+"""train: quantize a diffusers model block by block on DeepSpeed, by the config's `method`: DilateQuant (Weight
 Dilation, TPQ, block-wise distillation) or Q-Diffusion (AdaRound, then activation step sizes).
 
 1. load the FP model and this rank's calibration shards (recorded by `qdistill calibrate`);
@@ -25,15 +25,16 @@ from pathlib import Path
 
 import torch
 
+from ..analysis.layer_choice import resolve_keep_sensitive
 from ..configs import to_dict
 from ..configs.schema import TrainConfig
-from ..data.calibration_set import load_shard_list, read_manifest
+from ..data.calibration_set import load_shard_list, read_manifest, strided_batches
 from ..data.model_folder import load_denoiser, load_scheduler, model_hash
-from ..data.trajectories import class_conditioning
 from ..denoisers import text_dim
 from ..devices import autocast
 from ..distributed_env import check_shared_folders, from_rank0
-from ..evaluation.fidelity import compare_to_fp, save_grid
+from ..evaluation.fidelity import save_grid
+from ..evaluation.sampling import compare_to_fp
 from ..export import save_quantized
 from ..files import atomic_write_text
 from ..trainer.distill import BlockDistiller
@@ -42,7 +43,7 @@ from ..trainer.launch import init_distributed, load_deepspeed_config, release_di
 from ..trainer.recipes import recipe_phases
 from ..trainer.row_plan import rank_share
 from ..trainer.run_state import CHECKPOINT
-from ..trainer.student import build_student, resolve_keep_sensitive
+from ..trainer.student import build_student
 
 logger = logging.getLogger(__name__)
 LAYER_SELECTION = "layer_selection.json"  # keep_sensitive=auto: the layers chosen and the sensitivity behind them
@@ -76,7 +77,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     all_shards = load_shard_list(cfg.trajectories, source_hash)
     log(f"{type(fp).__name__} from {cfg.model}; {manifest['num_rows']} calibration rows in "
         f"{len(manifest['shards'])} shards; {world_size} rank(s) on {device}, {cfg.precision}; {cfg.quant.tag} "
-        f"{cfg.recipe}; rank 0 trains on shards {', '.join(str(sid) for sid, _, _ in share)}")
+        f"{cfg.method}; rank 0 trains on shards {', '.join(str(sid) for sid, _, _ in share)}")
     if cfg.overwrite and rank == 0:
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
         shutil.rmtree(out / OWN_INPUTS, ignore_errors=True)
@@ -87,9 +88,13 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
     # 2. quantize (keep_sensitive=auto: the layers kept at higher precision chosen first, once per run); TPQ rows
     # per timestep (skipped when resuming: the checkpoint holds the tables)
     t0 = time.time()
-    quant = resolve_keep_sensitive(fp, cfg.quant, all_shards, device, cfg.distill.init_rows, cfg.distill.batch_size,
+    dtype = next(fp.parameters()).dtype
+    rows = lambda n: strided_batches(all_shards, n, cfg.distill.batch_size, device, dtype, fp)  # noqa: E731
+    quant = resolve_keep_sensitive(fp, cfg.quant, lambda: rows(cfg.distill.init_rows),
+                                   lambda: rows(cfg.quant.keep_sensitive_rows),
                                    load_scheduler(cfg.model).config.num_train_timesteps, out / LAYER_SELECTION,
-                                   reuse=resuming, rank=rank, world_size=world_size, seed=cfg.distill.seed)
+                                   reuse=resuming, seed=cfg.distill.seed,
+                                   on_rank0=lambda choose: from_rank0(choose, rank, world_size))
     cfg = dataclasses.replace(cfg, quant=quant)  # what the checkpoint, the export and metrics.json record
     student, blocks_fp, blocks_q = build_student(fp, cfg, all_shards, device, calibrate=not resuming,
                                                   rank=rank, world_size=world_size)
@@ -107,7 +112,7 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         writer = SummaryWriter(str(out / "tb"))
     distiller = BlockDistiller(fp, student, blocks_fp, blocks_q, all_shards, cfg.distill, ds_config, out, rank,
                                world_size, writer,
-                               run_config={"recipe": cfg.recipe, "quant": to_dict(cfg.quant),
+                               run_config={"method": cfg.method, "quant": to_dict(cfg.quant),
                                            "distill": to_dict(cfg.distill), "qdiffusion": to_dict(cfg.qdiffusion),
                                            "model": cfg.model, "trajectories": cfg.trajectories},
                                phases=phases, precision=cfg.precision)
@@ -127,9 +132,9 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
         peak_gpu_mb = round(peak_gpu_mb.item(), 1)
     metrics = None
     if rank == 0:
-        save_quantized(student, out / "quantized", recipe=cfg.recipe, source_model=str(cfg.model),
+        save_quantized(student, out / "quantized", recipe=cfg.method, source_model=str(cfg.model),
                        source_model_hash=source_hash, run_config=to_dict(cfg))
-        metrics = {"recipe": cfg.recipe, "bits": cfg.quant.tag, "world_size": world_size, "deepspeed": cfg.deepspeed,
+        metrics = {"recipe": cfg.method, "bits": cfg.quant.tag, "world_size": world_size, "deepspeed": cfg.deepspeed,
                    "device": str(device), "precision": cfg.precision,
                    "batch_size": cfg.distill.batch_size, "train_seconds": round(train_seconds, 2),
                    "peak_rss_mb_per_rank": round(peak_rss_mb.item(), 1), "peak_gpu_mb_per_rank": peak_gpu_mb,
@@ -141,9 +146,9 @@ def _train(cfg: TrainConfig, ds_config: dict, phases, rank: int, world_size: int
             scheduler = load_scheduler(cfg.model, s.scheduler)
             with autocast(device, cfg.precision):
                 fp_final, q_final, fidelity = compare_to_fp(fp, student, scheduler,
-                                                            range(s.seed, s.seed + s.num_samples), s.num_steps,
-                                                            s.batch_size, s.eta, class_conditioning(fp))
-            metrics.update(fidelity, sampler=f"{s.scheduler} {s.num_steps} steps eta={s.eta}")
+                                                            range(s.seed, s.seed + s.num_samples), s.steps,
+                                                            s.batch_size, s.eta)
+            metrics.update(fidelity, sampler=f"{s.scheduler} {s.steps} steps eta={s.eta}")
             grid = save_grid([fp_final, q_final], out / "samples.png")
             import numpy as np
             from PIL import Image

@@ -227,7 +227,7 @@ def make_tiny_bench(root, num_samples: int, batch_size: int):
     from qdistill.cli import main as qdistill
 
     rc = qdistill(["calibrate", "--config", "calibrate", f"model={root / 'model'}", f"out={root / 'traj'}",
-                   f"num_samples={num_samples}", f"batch_size={batch_size}", "num_steps=10", "every=2"])
+                   f"num_samples={num_samples}", f"batch_size={batch_size}", "steps=10", "every=2"])
     assert rc == 0
     return root
 

@@ -1,4 +1,4 @@
-"""AdaRound and the qdiffusion recipe (DESIGN.md §3.6): the rounding math, its regulariser and schedule,
+"""AdaRound and the qdiffusion recipe (docs/design.md §3.6): the rounding math, its regulariser and schedule,
 hardening onto the weight grid, and `qdistill train --config qdiffusion` end to end with a kill
 and resume inside the rounding phase."""
 from __future__ import annotations
@@ -142,11 +142,11 @@ def test_harden_puts_exact_grid_weights_that_the_layer_quantizer_maps_to_the_sam
         assert torch.equal(layer(x), hard_out)
 
 
-def test_an_unknown_recipe_is_a_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match="config key 'recipe'.*'brecq'.*dilatequant"):
-        load_config(TrainConfig, REPO / "configs" / "qdiffusion.yaml", ["recipe=brecq"])
+def test_an_unknown_method_is_a_config_error_naming_the_key():
+    with pytest.raises(ConfigError, match="config key 'method'.*'brecq'.*dilatequant"):
+        load_config(TrainConfig, REPO / "configs" / "qdiffusion.yaml", ["method=brecq"])
     cfg = load_config(TrainConfig, REPO / "configs" / "qdiffusion.yaml", ["quant.act_bits=4"])
-    assert cfg.recipe == "qdiffusion" and (cfg.quant.weight_bits, cfg.quant.act_bits) == (4, 4)
+    assert cfg.method == "qdiffusion" and (cfg.quant.weight_bits, cfg.quant.act_bits) == (4, 4)
     assert not cfg.quant.per_timestep and not cfg.quant.weight_dilation and cfg.quant.shortcut_split
     with pytest.raises(ConfigError, match="qdiffusion.warmup"):
         load_config(TrainConfig, REPO / "configs" / "qdiffusion.yaml", ["qdiffusion.warmup=1.5"])
@@ -166,7 +166,7 @@ def qdiffusion_args(bench, out) -> list[str]:
             f"trajectories={bench / 'traj'}", f"out={out}", "qdiffusion.rounding_iterations=12",
             "qdiffusion.act_iterations=6", "qdiffusion.lr_rounding=5e-2", "distill.batch_size=4",
             "distill.checkpoint_every=4", "distill.init_rows=20", "distill.log_every=1", "sampling.num_samples=2",
-            "sampling.num_steps=4", "threads=1", "deepspeed=zero2.json", "distill.max_blocks=10"]
+            "sampling.steps=4", "threads=1", "deepspeed=zero2.json", "distill.max_blocks=10"]
 
 
 def _read_progress(out):
@@ -220,7 +220,7 @@ def test_qdiffusion_run_lowers_block_losses_below_round_to_nearest(qdiffusion_ru
     assert len(blocks) >= 10
     assert all([ph["phase"] for ph in b["phases"]] == ["rounding", "activations"] for b in blocks)
     assert all([ph["iterations"] for ph in b["phases"]] == [12, 6] for b in blocks)
-    # init_mse: the block as quantize_ + calibrate_ left it (round-to-nearest weights, MSE activation ranges);
+    # init_mse: the block as quantize_ + fit_ranges_ left it (round-to-nearest weights, MSE activation ranges);
     # best_mse: what the block keeps after both phases (never worse than its start: keep_best); both on the same
     # fixed batch from the same (quantized-chain) inputs. 12 AdaRound iterations decide a tiny block's rounding by
     # chance here and there (7 of these 10 blocks improved on an AVX-512 CPU, 8 or more on the AVX2 one the test was

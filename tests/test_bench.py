@@ -9,8 +9,8 @@ from diffusers import DDIMScheduler, DDPMPipeline
 
 from conftest import REPO
 from qdistill.configs import load_config
-from qdistill.bench.fashion_mnist import DEFAULT_ROOT, DatasetMissingError, load_fashion_mnist
-from qdistill.bench.classifier_net import BenchClassifier, load_test_stats
+from qdistill.data.fashion_mnist import DEFAULT_ROOT, DatasetMissingError, load_fashion_mnist
+from qdistill.evaluation.classifier_fd import BenchClassifier, load_test_stats
 from qdistill.evaluation.frechet import frechet_distance
 from qdistill.bench.train_classifier import accuracy
 from qdistill.bench.train_teacher import TeacherConfig, train_teacher
@@ -93,7 +93,7 @@ def test_frechet_distance_orders_distributions():
 
 
 def test_shipped_teacher_loads_and_samples():
-    pipe = DDPMPipeline.from_pretrained(REPO / "bench" / "teacher")
+    pipe = DDPMPipeline.from_pretrained(REPO / "assets" / "teacher")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=4, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
@@ -103,8 +103,8 @@ def test_shipped_teacher_loads_and_samples():
 
 @needs_data
 def test_shipped_classifier_accuracy_and_stats():
-    classifier = BenchClassifier.load(REPO / "bench" / "classifier")
+    classifier = BenchClassifier.load(REPO / "assets" / "classifier")
     test_x, test_y = load_fashion_mnist("test")
     assert accuracy(classifier, test_x, test_y) >= 0.90
     # the stored test statistics are those of the test split: FD(test, stored) ≈ 0
-    assert abs(frechet_distance(classifier.features, test_x, load_test_stats(REPO / "bench" / "classifier"))) < 1e-2
+    assert abs(frechet_distance(classifier.features, test_x, load_test_stats(REPO / "assets" / "classifier"))) < 1e-2

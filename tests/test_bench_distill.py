@@ -11,19 +11,19 @@ import pytest
 from conftest import REPO, train_in_process
 from qdistill.cli import main as qdistill
 
-TEACHER = REPO / "bench" / "teacher"
-SAMPLING = ["sampling.num_samples=8", "sampling.num_steps=20"]
+TEACHER = REPO / "assets" / "teacher"
+SAMPLING = ["sampling.num_samples=8", "sampling.steps=20"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-distill")
-    common = ["calibrate", "--config", "calibrate", f"model={TEACHER}", "num_steps=20", "every=2", "batch_size=16"]
+    common = ["calibrate", "--config", "calibrate", f"model={TEACHER}", "steps=20", "every=2", "batch_size=16"]
     assert qdistill([*common, f"out={root / 'traj'}", "num_samples=16"]) == 0
     assert qdistill([*common, f"out={root / 'held-out'}", "num_samples=16", "seed=5000"]) == 0
     assert qdistill([
         "quantize", "--config", "rtn", f"model={TEACHER}", f"out={root / 'rtn'}",
-        "quant.weight_bits=4", "quant.act_bits=4", "calibration.num_samples=16", "calibration.num_steps=20",
+        "quant.weight_bits=4", "quant.act_bits=4", "calibration.num_samples=16", "calibration.steps=20",
         "calibration.every=2", *SAMPLING]) == 0
     rc, log = train_in_process(["--config", "dilatequant", f"model={TEACHER}",
                                 f"trajectories={root / 'traj'}", f"out={root / 'bkd'}", "deepspeed=zero0.json",

@@ -1,11 +1,11 @@
-"""`qdistill benchmark` on a reduced setting: every recipe runs through the real `qdistill` stages, the table is
+"""The benchmark harness (`python -m qdistill.bench.benchmark`) on a reduced setting: every recipe runs through the real `qdistill` stages, the table is
 well formed, finished rows are not recomputed, and the table lands in the marked section of a Markdown file."""
 import json
 
 import pytest
 
+from qdistill.bench.benchmark import Row, main as benchmark, rows_for
 from qdistill.cli import main as qdistill
-from qdistill.stages.benchmark import Row, rows_for
 
 
 def test_extra_rows_add_ddpm_and_mixed_precision_rows():
@@ -55,15 +55,15 @@ def test_extra_rows_add_ddpm_and_mixed_precision_rows():
 def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_pipeline_dir, tmp_path, capsys):
     traj = tmp_path / "traj"
     assert qdistill(["calibrate", "--config", "calibrate", f"model={demo_pipeline_dir}", f"out={traj}",
-                     "num_samples=8", "num_steps=10", "batch_size=4", "every=2"]) == 0
+                     "num_samples=8", "steps=10", "batch_size=4", "every=2"]) == 0
     md = tmp_path / "BENCH.md"
     md.write_text("# notes\n<!-- benchmark:begin -->\nold table\n<!-- benchmark:end -->\ntail\n")
-    args = ["benchmark", f"out={tmp_path / 'b'}", f"model={demo_pipeline_dir}", f"trajectories={traj}",
+    args = [f"out={tmp_path / 'b'}", f"model={demo_pipeline_dir}", f"trajectories={traj}",
             f"classifier={tmp_path / 'no-classifier'}", "bits=[W4A8]", "recipes=[rtn,qdiffusion,ptqd]",
             "iterations=2", "num_samples=4", "steps=4",
             "fidelity_samples=2", "nc_samples=2", "mode=simulated", "extra_rows=false", f"update={md}",
             "sensitivity_top=2", "sensitivity_rows=8", "low_rank=2"]
-    assert qdistill(args) == 0
+    assert benchmark(args) == 0
     results = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
     # 3 recipes at W4A8 with DDIM: the quantize stage, a training, PTQD on that training's model (the dilatequant
     # rows run the same stages with other configs; the DDPM and mixed rows the same stages with other keys)
@@ -95,8 +95,8 @@ def test_benchmark_reduced_setting_writes_a_well_formed_table_and_resumes(demo_p
 
     # a rerun recomputes nothing (no stage runs), and other settings in the same folder are refused
     capsys.readouterr()
-    assert qdistill(args) == 0
+    assert benchmark(args) == 0
     assert "$ " not in capsys.readouterr().out
-    assert qdistill([*args, "iterations=3"]) == 2
+    assert benchmark([*args, "iterations=3"]) == 2
     assert "other settings" in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ from conftest import build_unet, calibration_batches
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from qdistill.quantizers import QuantConfig, block_output, calibrate_, find_blocks, quantize_, set_timesteps
+from qdistill.quantizers import QuantConfig, block_output, fit_ranges_, find_blocks, quantize_, set_timesteps
 from qdistill.trainer.block_graph import trace_block_graph
 from qdistill.trainer.block_inputs import BlockInputs
 from qdistill.trainer.row_store import StorageBudget
@@ -36,7 +36,7 @@ def guided_rows(unet, dtype):
 def setup(dtype, graph: bool):
     teacher = build_unet("xattn-lpb2").to(dtype)
     student = quantize_(copy.deepcopy(teacher), QuantConfig(weight_bits=4, act_bits=8))
-    calibrate_(student, [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()}
+    fit_ranges_(student, [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()}
                          for b in calibration_batches(teacher)])
     for p in [*teacher.parameters(), *student.parameters()]:
         p.requires_grad_(False)  # as the distiller has them outside a block's engine

@@ -19,7 +19,7 @@ from qdistill.data.model_folder import load_denoiser, model_hash
 from qdistill.data.prompts import load_prompts
 from qdistill.data.trajectories import random_steps
 
-SMALL = ["num_samples=6", "batch_size=2", "num_steps=6", "every=2", "scheduler=ddpm"]
+SMALL = ["num_samples=6", "batch_size=2", "steps=6", "every=2", "scheduler=ddpm"]
 
 
 def run_calibrate(args, nproc=1):
@@ -56,7 +56,7 @@ def test_one_and_two_ranks_record_the_same_samples(demo_pipeline_dir, tmp_path):
 
 
 def cfg_for(model, out, **kw):
-    base = {"model": str(model), "out": str(out), "num_samples": 3, "batch_size": 3, "num_steps": 8}
+    base = {"model": str(model), "out": str(out), "num_samples": 3, "batch_size": 3, "steps": 8}
     return load_config(TrajectoryConfig, None, [f"{k}={v}" for k, v in {**base, **kw}.items()])
 
 
@@ -147,7 +147,7 @@ def test_text_conditional_pipeline_with_guidance(tiny_sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red shoe\na blue bag\n\na photo of a dress\n")
     record_calibration_set(cfg_for(tiny_sd_dir, tmp_path / "t", prompts=prompts, guidance_scale=4.0,
-                                   num_samples=4, batch_size=2, num_steps=4, every=2))
+                                   num_samples=4, batch_size=2, steps=4, every=2))
     manifest = read_manifest(tmp_path / "t")
     assert manifest["conditioning"] == "text" and manifest["shapes"]["x_t"] == [4, 8, 8]
     ds = load_shards(tmp_path / "t")
@@ -185,7 +185,7 @@ def test_prompt_sources(tmp_path):
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "dpm"])
 def test_other_schedulers_record_model_inputs(demo_pipeline_dir, tmp_path, scheduler):
-    record_calibration_set(cfg_for(demo_pipeline_dir, tmp_path / "t", scheduler=scheduler, eta=1.0, num_steps=5,
+    record_calibration_set(cfg_for(demo_pipeline_dir, tmp_path / "t", scheduler=scheduler, eta=1.0, steps=5,
                                    selection="all"))
     manifest = read_manifest(tmp_path / "t")
     assert manifest["scheduler"]["class"] == {"ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler"}[scheduler]
@@ -204,7 +204,7 @@ def test_class_conditional_model_records_labels(tmp_path):
     torch.manual_seed(0)
     unet = UNet2DModel(**UNET2D_CONFIGS["plain-lpb2"], num_class_embeds=4)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "m")
-    record_calibration_set(cfg_for(tmp_path / "m", tmp_path / "t", num_samples=5, batch_size=5, num_steps=3))
+    record_calibration_set(cfg_for(tmp_path / "m", tmp_path / "t", num_samples=5, batch_size=5, steps=3))
     assert read_manifest(tmp_path / "t")["conditioning"] == "class"
     ds = load_shards(tmp_path / "t")
     assert ds["class_label"][:].tolist() == [s % 4 for s in ds["sample_id"][:].tolist()]
@@ -218,7 +218,7 @@ def test_bf16_recording_matches_fp32_on_the_bench_teacher(tmp_path):
     last step (t near 0, where the noise left in x_t is tiny and the prediction ill-posed: 17 %)."""
     rows = {}
     for precision in ("fp32", "bf16"):
-        cfg = cfg_for(REPO / "bench" / "teacher", tmp_path / precision, num_samples=4, batch_size=2, num_steps=10,
+        cfg = cfg_for(REPO / "assets" / "teacher", tmp_path / precision, num_samples=4, batch_size=2, steps=10,
                       every=3, precision=precision)
         assert record_calibration_set(cfg)["precision"] == precision
         rows[precision] = load_shards(tmp_path / precision)[:]

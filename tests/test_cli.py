@@ -9,12 +9,12 @@ import torch
 from conftest import REPO, build_unet, example_inputs
 from qdistill.cli import SUBCOMMANDS, config_keys
 from qdistill.cli import main as qdistill
-from qdistill.configs import ConfigError, load_config
+from qdistill.configs import ConfigError, load_config, resolve_config
 from qdistill.configs.schema import QuantizeRunConfig
 from qdistill.export import load_quantized
 
-SMALL = ["calibration.num_samples=4", "calibration.num_steps=10", "calibration.every=2",
-         "sampling.num_samples=4", "sampling.num_steps=10"]
+SMALL = ["calibration.num_samples=4", "calibration.steps=10", "calibration.every=2",
+         "sampling.num_samples=4", "sampling.steps=10"]
 
 
 def test_quantize_and_export_commands_on_a_saved_model_folder(demo_pipeline_dir, tmp_path, capsys):
@@ -106,8 +106,14 @@ def test_every_subcommand_help_lists_its_config_keys(command, capsys):
     (["train", "quant.act_bits=9"], "act_bits must be an integer in 2..8"),
     (["export", "run=/nonexistent/run", "out=OUT"], "holds no quantized model"),
     (["eval", "model=/nonexistent/export", "out=OUT"], "export folder /nonexistent/export lacks"),
-    (["benchmark", "recipes=[nope]"], "config key 'recipes[0]'"),
     (["train", "--config", "no-such-config"], "nor an installed config"),
+    (["train", "--config", "teacher"], "(now bench/teacher)"),
+    (["calibrate", "num_steps=5", "out=OUT"], "config key 'num_steps' was renamed 'steps'"),
+    (["quantize", "sampling.num_steps=5", "out=OUT"], "config key 'sampling.num_steps' was renamed 'sampling.steps'"),
+    (["export", "measure.samples=5", "run=OUT"], "config key 'measure.samples' was renamed 'measure.num_samples'"),
+    (["train", "recipe=qdiffusion", "out=OUT"], "config key 'recipe' was renamed 'method'"),
+    (["calibrate", "model=bench/teacher", "out=OUT"], "bench/teacher: the shipped folder is now assets/teacher"),
+    (["benchmark", "recipes=[rtn]"], "python -m qdistill.bench.benchmark --config bench/benchmark"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(argv, expected, tmp_path, capsys):
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
@@ -137,8 +143,20 @@ def test_configs_resolve_by_name_and_are_listed(capsys):
     assert by_name == by_path and by_name.distill.iterations == 7 and by_name.quant.act_bits == 4
     assert qdistill(["configs"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert {"calibrate", "rtn", "demo", "dilatequant", "qdiffusion", "ptqd", "dilatequant+ptqd", "eval",
-            "benchmark"} <= set(listed)
+    assert {"calibrate", "rtn", "demo", "dilatequant", "qdiffusion", "ptqd", "dilatequant+ptqd", "eval"} <= set(listed)
+    # the bench tooling's configs are listed apart, after the ones a user runs, and resolve by their bench/ name
+    bench = listed.index("bench/benchmark")
+    assert {"bench/benchmark", "bench/benchmark_dit", "bench/teacher", "bench/dit_teacher",
+            "bench/classifier"} == set(listed[bench:]) and "benchmark" not in listed
+    assert resolve_config("bench/benchmark") == REPO / "configs" / "bench" / "benchmark.yaml"
+
+
+def test_the_benchmark_harness_refuses_a_bad_key_in_one_line(capsys):
+    from qdistill.bench.benchmark import main as benchmark
+
+    assert benchmark(["recipes=[nope]"]) == 2
+    err = capsys.readouterr().err
+    assert "config key 'recipes[0]'" in err and err.count("\n") == 1, err
 
 
 def test_plain_diffusers_refuses_qdistill_folders_and_points_to_the_loaders(tmp_path):
@@ -147,11 +165,11 @@ def test_plain_diffusers_refuses_qdistill_folders_and_points_to_the_loaders(tmp_
     from diffusers import UNet2DModel
 
     from qdistill.export import export_model, load_exported, save_quantized
-    from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+    from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 
     unet = build_unet("plain-lpb2")
     kw = example_inputs(unet)
-    q = calibrate_(quantize_(unet, QuantConfig(weight_bits=8, act_bits=8)), [kw])
+    q = fit_ranges_(quantize_(unet, QuantConfig(weight_bits=8, act_bits=8)), [kw])
     save_quantized(q, tmp_path / "quantized", recipe="test")
     export_model(q, tmp_path / "export", recipe="test")
     for folder, loader in (("quantized", "qdistill.export.load_quantized"), ("export", "qdistill.export.load_exported")):

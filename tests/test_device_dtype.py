@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import Attention
 
 from conftest import (UNET2D_CONFIGS, UNET_COND_CONFIGS, build_unet, calibration_batches, example_inputs,
                       make_tiny_bench, rel_err)
-from qdistill import QuantConfig, calibrate_, quantize_
+from qdistill import QuantConfig, fit_ranges_, quantize_
 from qdistill.export import export_model, load_exported
 from qdistill.quantizers.adaround import attach_adaround, harden
 from qdistill.quantizers.mixed_precision import apply_step_bits
@@ -37,9 +37,9 @@ def test_quantize_and_calibrate_in_float64_keep_every_state_in_float64_and_match
     assert_all(q64, dtype=torch.float64)
     batches = calibration_batches(q32)
     torch.manual_seed(0)  # the same subsamples of the observed activations in both
-    calibrate_(q32, batches)
+    fit_ranges_(q32, batches)
     torch.manual_seed(0)
-    calibrate_(q64, to64(batches))
+    fit_ranges_(q64, to64(batches))
     assert_all(q64, dtype=torch.float64)
     for m32, m64 in zip(q32.modules(), q64.modules()):  # the same tables, up to fp32 rounding
         if hasattr(m64, "delta"):
@@ -67,7 +67,7 @@ def test_adaround_entry_and_harden_on_float64_leave_no_float32_state():
 
 def test_export_loader_builds_the_model_in_the_dtype_asked_for(tmp_path):
     q = quantize_(build_unet("attn-lpb1"), QuantConfig(weight_bits=4, act_bits=8))
-    calibrate_(q, calibration_batches(q))
+    fit_ranges_(q, calibration_batches(q))
     export_model(q, tmp_path / "export", recipe="rtn")
     loaded32 = load_exported(tmp_path / "export")
     loaded64 = load_exported(tmp_path / "export", dtype=torch.float64)
@@ -83,8 +83,8 @@ def test_step_bits_schedule_follows_the_model_dtype():
     low = quantize_(build_unet("attn-lpb1").double(), QuantConfig(weight_bits=4, act_bits=4))
     high = quantize_(build_unet("attn-lpb1").double(), QuantConfig(weight_bits=8, act_bits=8))
     batches = to64(calibration_batches(low))
-    calibrate_(low, batches)
-    calibrate_(high, batches)
+    fit_ranges_(low, batches)
+    fit_ranges_(high, batches)
     apply_step_bits(low, high, [999, 500, 0], [True, False, True])
     assert_all(low, dtype=torch.float64)
 

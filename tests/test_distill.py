@@ -30,7 +30,7 @@ def train_args(bench: Path, out: Path, *overrides: str) -> list[str]:
             f"trajectories={bench / 'traj'}", f"out={out}", "quant.weight_bits=4", "quant.act_bits=4",
             "distill.iterations=6", "distill.batch_size=4", "distill.checkpoint_every=3", "distill.init_rows=40",
             "distill.lr_weights=1e-4", "distill.lr_quant=1e-4", "distill.log_every=1",
-            "sampling.num_samples=2", "sampling.num_steps=4", "threads=1", *overrides]
+            "sampling.num_samples=2", "sampling.steps=4", "threads=1", *overrides]
 
 
 def built_student(args: list[str]):
@@ -181,7 +181,7 @@ def test_two_ranks_zero2_match_one_rank(reference_run, two_rank_zero2):
 def bf16_run(bench):
     """calibrate and train with precision=bf16 (the rest as the reference run): the bf16 path end to end."""
     rc = qdistill(["calibrate", "--config", "calibrate", f"model={bench / 'model'}", f"out={bench / 'traj-bf16'}",
-                   "num_samples=8", "batch_size=2", "num_steps=10", "every=2", "precision=bf16"])
+                   "num_samples=8", "batch_size=2", "steps=10", "every=2", "precision=bf16"])
     assert rc == 0
     out = bench / "runs" / "1rank-bf16"
     rc, log = train_in_process(train_args(bench, out, "deepspeed=zero1.json", FP_INPUTS, "precision=bf16",
@@ -226,7 +226,7 @@ def test_bf16_path_end_to_end(bench, reference_run, bf16_run):
     own bf16-vs-fp32 bound is tested on the bench teacher (test_calibration, test_eval)."""
     metrics = {}
     for name, run in (("fp32", reference_run[0]), ("bf16", bf16_run[0])):
-        assert qdistill(["export", f"run={run}", "noise_correction=true", "measure.samples=4", "measure.steps=10",
+        assert qdistill(["export", f"run={run}", "noise_correction=true", "measure.num_samples=4", "measure.steps=10",
                          "measure.batch_size=4", f"precision={name}"]) == 0
         assert qdistill(["eval", f"model={run / 'export'}", f"reference={bench / 'model'}", "mode=simulated",
                          f"precision={name}", "num_samples=8", "steps=10", "batch_size=4", "fidelity_samples=2",
@@ -498,7 +498,7 @@ def test_text_conditional_guidance_pipeline_on_two_ranks(tiny_sd_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
     rc = qdistill(["calibrate", "--config", "calibrate", f"model={tiny_sd_dir}", f"out={tmp_path / 'traj'}",
-                   f"prompts={prompts}", "guidance_scale=4.0", "num_samples=8", "batch_size=2", "num_steps=4", "every=2"])
+                   f"prompts={prompts}", "guidance_scale=4.0", "num_samples=8", "batch_size=2", "steps=4", "every=2"])
     assert rc == 0
     args = ["--config", str(REPO / "configs" / "dilatequant.yaml"), f"model={tiny_sd_dir}",
             f"trajectories={tmp_path / 'traj'}", "distill.iterations=4", "distill.batch_size=4",

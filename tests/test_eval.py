@@ -11,11 +11,11 @@ from diffusers import UNet2DModel
 
 from conftest import REPO
 from qdistill.cli import main as qdistill
-from qdistill.bench.classifier_net import ConvFeatures
+from qdistill.evaluation.classifier_fd import ConvFeatures
 from qdistill.evaluation.frechet import frechet_distance
 from qdistill.evaluation.inception import inception_metrics, load_feature_network
 from qdistill.export import export_model
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 
 
 def images(n, seed, shift=0.0):
@@ -79,13 +79,13 @@ def bench_export(tmp_path_factory):
     """The bench teacher at W8A8, calibrated on a few timesteps, exported (with its scheduler)."""
     from qdistill.data.model_folder import load_scheduler
 
-    fp = UNet2DModel.from_pretrained(REPO / "bench" / "teacher" / "unet").eval()
+    fp = UNet2DModel.from_pretrained(REPO / "assets" / "teacher" / "unet").eval()
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 1, 32, 32, generator=g), "timestep": torch.full((4,), float(t))}
                for t in (999, 759, 519, 279, 39)]
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
     path = tmp_path_factory.mktemp("export") / "w8a8"
-    export_model(q, path, recipe="test", scheduler_config=dict(load_scheduler(REPO / "bench" / "teacher").config))
+    export_model(q, path, recipe="test", scheduler_config=dict(load_scheduler(REPO / "assets" / "teacher").config))
     return path
 
 
@@ -100,17 +100,17 @@ def test_bf16_ptqd_measurement_and_eval_match_fp32(tmp_path):
     from qdistill.export import load_noise_correction, save_quantized
     from conftest import rel_err
 
-    fp = UNet2DModel.from_pretrained(REPO / "bench" / "teacher" / "unet").eval()
+    fp = UNet2DModel.from_pretrained(REPO / "assets" / "teacher" / "unet").eval()
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 1, 32, 32, generator=g), "timestep": torch.full((4,), float(t))}
                for t in (999, 759, 519, 279, 39)]
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
-    save_quantized(q, tmp_path / "run" / "quantized", recipe="test", source_model=str(REPO / "bench" / "teacher"))
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    save_quantized(q, tmp_path / "run" / "quantized", recipe="test", source_model=str(REPO / "assets" / "teacher"))
     got = {}
     for p in ("fp32", "bf16"):
         assert qdistill(["export", f"run={tmp_path / 'run'}", f"out={tmp_path / p}", "noise_correction=true",
-                         "measure.samples=8", "measure.steps=10", "measure.batch_size=8", f"precision={p}"]) == 0
-        assert qdistill(["eval", f"model={tmp_path / p}", f"reference={REPO / 'bench' / 'teacher'}", "mode=simulated",
+                         "measure.num_samples=8", "measure.steps=10", "measure.batch_size=8", f"precision={p}"]) == 0
+        assert qdistill(["eval", f"model={tmp_path / p}", f"reference={REPO / 'assets' / 'teacher'}", "mode=simulated",
                          f"precision={p}", "num_samples=8", "steps=10", "batch_size=8", "fidelity_samples=2",
                          f"out={tmp_path / p / 'eval'}", f"cache_dir={tmp_path / 'cache'}"]) == 0
         got[p] = load_noise_correction(tmp_path / p), json.loads((tmp_path / p / "eval" / "metrics.json").read_text())
@@ -124,8 +124,8 @@ def test_bf16_ptqd_measurement_and_eval_match_fp32(tmp_path):
 
 def test_eval_writes_metrics_grid_tensorboard_and_reuses_the_fp_reference(bench_export, inception_file, tmp_path,
                                                                         capsys):
-    args = ["eval", f"model={bench_export}", f"reference={REPO / 'bench' / 'teacher'}", f"cache_dir={tmp_path / 'cache'}",
-            f"classifier={REPO / 'bench' / 'classifier'}", f"inception={inception_file}", *EVAL_ARGS]
+    args = ["eval", f"model={bench_export}", f"reference={REPO / 'assets' / 'teacher'}", f"cache_dir={tmp_path / 'cache'}",
+            f"classifier={REPO / 'assets' / 'classifier'}", f"inception={inception_file}", *EVAL_ARGS]
     assert qdistill([*args, f"out={tmp_path / 'a'}"]) == 0
     first = capsys.readouterr().out
     assert "FP reference cached" in first and "metric" in first  # the table
@@ -148,7 +148,7 @@ def test_eval_writes_metrics_grid_tensorboard_and_reuses_the_fp_reference(bench_
 @pytest.mark.slow
 def test_eval_two_ranks_equals_one_rank(bench_export, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    common = ["-m", "qdistill", "eval", f"model={bench_export}", "reference=bench/teacher", *EVAL_ARGS]
+    common = ["-m", "qdistill", "eval", f"model={bench_export}", "reference=assets/teacher", *EVAL_ARGS]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for n in (1, 2):
         subprocess.run([*base, f"--nproc_per_node={n}", *common, f"out={tmp_path / f'r{n}'}",
@@ -161,7 +161,7 @@ def test_eval_two_ranks_equals_one_rank(bench_export, tmp_path):
 
 
 def test_eval_refuses_a_non_export(tmp_path, capsys):
-    assert qdistill(["eval", f"model={REPO / 'bench' / 'teacher'}", f"out={tmp_path}"]) == 2
+    assert qdistill(["eval", f"model={REPO / 'assets' / 'teacher'}", f"out={tmp_path}"]) == 2
     assert "lacks quant_config.json" in capsys.readouterr().err
 
 
@@ -195,7 +195,7 @@ def test_eval_of_a_text_conditional_export_with_clip_score(tiny_sd_dir, tmp_path
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 4, 8, 8, generator=g), "timestep": torch.full((4,), float(t)),
                 "encoder_hidden_states": torch.randn(4, 16, 24, generator=g)} for t in (999, 500, 1)]
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
     export_model(q, tmp_path / "export", recipe="test", scheduler_config=dict(load_scheduler(tiny_sd_dir).config))
     clip = build_tiny_clip(tmp_path / "clip", tiny_sd_dir / "tokenizer")
     (tmp_path / "prompts.txt").write_text("a photo of a red shoe\na blue bag\n")
@@ -231,7 +231,7 @@ def test_eval_of_a_class_conditional_model_samples_balanced_labels(tmp_path):
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 1, 8, 8, generator=g), "timestep": torch.full((4,), float(t)),
                 "class_labels": torch.tensor([0, 1, 2, 0])} for t in (999, 500, 1)]
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), batches)
     export_model(q, tmp_path / "export", recipe="test",
                  scheduler_config={"_class_name": "DDPMScheduler", **DDPMScheduler().config})
     assert qdistill(["eval", f"model={tmp_path / 'export'}", f"reference={tmp_path / 'fp'}", "mode=simulated",

@@ -10,7 +10,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 from conftest import REPO, build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.export import EXPORT_FILE, ExportError, export_model, load_exported
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_, set_timesteps
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_, set_timesteps
 from qdistill.quantizers.integer_kernels import saturation_reason, unavailable_reason
 from qdistill.quantizers.integer_layers import IntegerLayer
 from qdistill.quantizers.layers import QUANT_LAYERS
@@ -59,7 +59,7 @@ def tiny_models():
     out = {}
     for wb, ab in ((4, 8), (8, 8), (4, 4)):
         q = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab))
-        out[(wb, ab)] = trained_like(calibrate_(q, calibration_batches(fp)))
+        out[(wb, ab)] = trained_like(fit_ranges_(q, calibration_batches(fp)))
     return fp, out
 
 
@@ -145,13 +145,13 @@ def test_export_overwrites_atomically(tiny_models, tmp_path):
 def bench_exports(tmp_path_factory):
     """The bench teacher at W8A8 and W4A4 (TPQ, dilation, split shortcuts), calibrated on a few timesteps,
     exported and loaded back both ways."""
-    fp = UNet2DModel.from_pretrained(REPO / "bench" / "teacher" / "unet").eval()
+    fp = UNet2DModel.from_pretrained(REPO / "assets" / "teacher" / "unet").eval()
     g = torch.Generator().manual_seed(0)
     batches = [{"sample": torch.randn(4, 1, 32, 32, generator=g), "timestep": torch.full((4,), float(t))}
                for t in (999, 759, 519, 279, 39)]
     out = {}
     for wb, ab in ((8, 8), (4, 4)):
-        q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), batches)
+        q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), batches)
         path = tmp_path_factory.mktemp("bench") / f"w{wb}a{ab}"
         export_model(q, path, recipe="test")
         with warnings.catch_warnings(record=True) as caught:
@@ -226,10 +226,32 @@ def test_integer_model_samples_in_a_diffusers_pipeline(bench_exports):
     sim, integer = models[(8, 8)]
     images = {}
     for name, unet in (("sim", sim), ("int", integer)):
-        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_pretrained(REPO / "bench" / "teacher" / "scheduler"))
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_pretrained(REPO / "assets" / "teacher" / "scheduler"))
         pipe.set_progress_bar_config(disable=True)
         images[name] = pipe(batch_size=4, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
                             output_type="np").images
     assert images["int"].shape == (4, 32, 32, 1) and np.isfinite(images["int"]).all()
     mse = float(((images["int"] - images["sim"]) ** 2).mean())
     assert 10 * np.log10(1 / max(mse, 1e-12)) > 30, mse  # PSNR of integer vs simulated samples above 30 dB
+
+
+@needs_kernels
+def test_integer_mode_and_set_quantization_refuse_each_other(tmp_path):
+    """Integer mode computes on codes: a model with quantization turned off is not silently run quantized, and a
+    model in integer mode does not pretend to turn quantization off."""
+    from qdistill.quantizers import set_quantization
+    from qdistill.quantizers.integer_layers import to_integer
+
+    fp = build_unet("plain-lpb2")
+    q = fit_ranges_(quantize_(fp, QuantConfig(weight_bits=8, act_bits=8)), calibration_batches(fp))
+    export_model(q, tmp_path / "e", recipe="test")
+    off = load_exported(tmp_path / "e", "simulated")
+    set_quantization(off, weights=False, activations=True)
+    with pytest.raises(ValueError, match="set_quantization turned quantization off in .* module"):
+        to_integer(off)
+    assert not any(isinstance(m, IntegerLayer) for m in off.modules())  # refused before any layer was swapped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        integer = load_exported(tmp_path / "e", "integer")
+    with pytest.raises(ValueError, match="integer mode"):
+        set_quantization(integer, weights=False)

@@ -38,22 +38,22 @@ def test_wheel_install_runs_every_stage_outside_the_checkout(tmp_path):
     assert where.startswith(str(env_dir)), where  # the wheel's copy, not the checkout
     qdistill = str(env_dir / "bin" / "qdistill")
     assert "dilatequant" in run([qdistill, "configs"], work, env)
-    run([qdistill, "calibrate", "--config", "calibrate", "out=traj", "num_samples=8", "num_steps=10", "every=2",
+    run([qdistill, "calibrate", "--config", "calibrate", "out=traj", "num_samples=8", "steps=10", "every=2",
          "batch_size=4"], work, env)
     run([qdistill, "train", "--config", "demo", "trajectories=traj", "out=run", "distill.iterations=2",
          "distill.batch_size=4", "distill.init_rows=16", "distill.max_blocks=2", "sampling.num_samples=2",
-         "sampling.num_steps=5"], work, env)
+         "sampling.steps=5"], work, env)
     run([qdistill, "export", "run=run"], work, env)
     run([qdistill, "eval", "--config", "eval", "model=run/export", "num_samples=4", "steps=5", "batch_size=4",
          "fidelity_samples=2", "cache_dir=cache"], work, env)
     manifest = json.loads((work / "traj" / "manifest.json").read_text())
-    assert manifest["num_rows"] == 8 * 5 and manifest["source_model"] == "bench/teacher"
+    assert manifest["num_rows"] == 8 * 5 and manifest["source_model"] == "assets/teacher"
     metrics = json.loads((work / "run" / "export" / "eval" / "metrics.json").read_text())
     assert metrics["bits"] == "W4A4" and metrics["mode"] == "integer" and metrics["fd"] > 0  # the shipped classifier
     assert 5 < metrics["psnr_db"] < 60
     # the DiT bench teacher ships in the wheel too
-    run([qdistill, "calibrate", "--config", "calibrate", "model=bench/dit-teacher", "out=dit-traj", "num_samples=2",
-         "num_steps=4", "every=2", "batch_size=2"], work, env)
+    run([qdistill, "calibrate", "--config", "calibrate", "model=assets/dit-teacher", "out=dit-traj", "num_samples=2",
+         "steps=4", "every=2", "batch_size=2"], work, env)
     dit = json.loads((work / "dit-traj" / "manifest.json").read_text())
     assert dit["num_rows"] == 2 * 2 and dit["conditioning"] == "class"
     assert sorted(p.name for p in work.iterdir()) == ["cache", "dit-traj", "run", "traj"]

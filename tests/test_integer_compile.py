@@ -13,7 +13,7 @@ import torch
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.configs.schema import EvalConfig
 from qdistill.export import ExportError, export_model, load_exported
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 from qdistill.quantizers.integer_kernels import unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -24,7 +24,7 @@ def test_compiled_integer_equals_eager_integer_with_one_graph(name, bits, tmp_pa
     """attn-lpb1 at W8A8: attention on codes, asymmetric 8-bit weights (the zero-point correction), Weight
     Dilation; plain-lpb2 at W4A8: split shortcuts, 4-bit weights."""
     fp = build_unet(name)
-    q = calibrate_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
+    q = fit_ranges_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
     export_model(q, tmp_path / "e", recipe="test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no VNNI: the saturation note
@@ -45,7 +45,7 @@ def test_compiled_integer_equals_eager_integer_with_one_graph(name, bits, tmp_pa
 
 def test_compile_needs_integer_mode(tmp_path):
     fp = build_unet("plain-lpb2")
-    q = calibrate_(quantize_(fp, QuantConfig(weight_bits=8, act_bits=8)), calibration_batches(fp))
+    q = fit_ranges_(quantize_(fp, QuantConfig(weight_bits=8, act_bits=8)), calibration_batches(fp))
     export_model(q, tmp_path / "e", recipe="test")
     with pytest.raises(ExportError, match="compile=True"):
         load_exported(tmp_path / "e", "simulated", compile=True)

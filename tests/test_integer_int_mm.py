@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
 from qdistill.export import export_model, load_exported
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 from qdistill.quantizers.integer_kernels import int_mm_unavailable_reason, unavailable_reason
 from qdistill.quantizers.integer_layers import _IntMMWeights, to_integer
 
@@ -40,7 +40,7 @@ def test_int_mm_weights_are_exact(m, k, n, qmin, qmax, zero_range):
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8)])
 def test_int_mm_linears_equal_onednn_and_simulated(bits, tmp_path):
     fp = build_unet("attn-lpb1")
-    q = calibrate_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
+    q = fit_ranges_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
     export_model(q, tmp_path / "e", recipe="test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

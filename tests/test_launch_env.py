@@ -7,13 +7,15 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 
 import pytest
 
 from qdistill.distributed_env import MARKER, check_shared_folders, expand_hostlist, fill_rank_environment, from_rank0
-from qdistill.errors import ConfigError
+from qdistill.errors import BuildLockError, ConfigError
+from qdistill.trainer.launch import build_locks, wait_for_build_locks
 
 RANK_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -223,3 +225,25 @@ def test_activation_tables_calibrated_on_rank_0_are_the_tables_of_every_rank(two
     assert tables == results[1]["tables"]
     assert tables["0.timesteps"] == [0.0, 400.0, 999.0] and len(tables["1.delta"]) == 1
     assert tables["0.delta"][0] < tables["0.delta"][1] < tables["0.delta"][2]  # calibrated, not the fresh [1.0]
+
+
+def test_a_stale_deepspeed_build_lock_is_named_and_a_fresh_one_waited_for(tmp_path, monkeypatch, caplog):
+    """A build killed mid-way leaves torch's FileBaton lock; the next run names it instead of waiting forever, and
+    waits (saying so) while a live build holds one."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert build_locks() == []
+    wait_for_build_locks()  # nothing to wait for
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.raises(BuildLockError, match=f"{lock}.*60 min old.*delete it"):
+        wait_for_build_locks(max_wait_s=600)
+    assert lock.exists()  # named, not removed: another run could still hold it
+    os.utime(lock)  # a live build: waited for until it goes
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.time()
+    wait_for_build_locks(max_wait_s=600, poll_s=0.05)
+    assert 0.2 < time.time() - t0 < 5 and not lock.exists()
+    assert "another process is building DeepSpeed's ops" in caplog.text

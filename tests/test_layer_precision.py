@@ -16,10 +16,11 @@ from qdistill.cli import main as qdistill
 from qdistill.configs import ConfigError, load_config
 from qdistill.configs.schema import TrainConfig
 from qdistill.export import export_model, load_exported, load_quantized
-from qdistill.quantizers import QUANT_LAYERS, QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QUANT_LAYERS, QuantConfig, fit_ranges_, quantize_
 from qdistill.quantizers.integer_kernels import saturation_reason
-from qdistill.quantizers.layer_precision import assign_layer_bits, rule_bit_operations, select_sensitive_layers
-from qdistill.quantizers.mixed_precision import layer_macs
+from qdistill.analysis.layer_choice import select_sensitive_layers
+from qdistill.cost import layer_macs, rule_bit_operations
+from qdistill.quantizers.layer_precision import assign_layer_bits
 
 COARSE = "up_blocks.1.resnets.0.conv1"  # a middle layer of tiny_unet
 
@@ -70,7 +71,7 @@ def test_bad_patterns_and_values_are_named(fp):
 @pytest.mark.skipif(saturation_reason() is not None, reason=str(saturation_reason()))
 def test_mixed_layers_export_exactly_and_run_on_integer_kernels(fp, tmp_path):
     config = QuantConfig(weight_bits=4, act_bits=4, layer_bits={"conv_in": "fp", COARSE: "W8A8"})
-    q = calibrate_(quantize_(copy.deepcopy(fp), config), calibration_batches(fp))
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), config), calibration_batches(fp))
     export_model(q, tmp_path / "export", recipe="test")
     sim, integer = load_exported(tmp_path / "export", "simulated"), load_exported(tmp_path / "export", "integer")
     assert specs(sim) == specs(q) and type(sim.conv_in) is nn.Conv2d
@@ -97,7 +98,7 @@ def test_auto_keeps_the_costliest_layer_within_the_budget(fp):
     rules = assign_layer_bits(fp, QuantConfig(weight_bits=8, act_bits=8, layer_bits={COARSE: 2}))
     assert rule_bit_operations(macs, assign_layer_bits(fp, resolved)) == pytest.approx(
         rule_bit_operations(macs, rules) * (1 + report["extra_bops"]))
-    q = calibrate_(quantize_(copy.deepcopy(fp), resolved), init)
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), resolved), init)
     assert specs(q).get(COARSE, None) in (None, (8, 8))
     nothing, report0 = select_sensitive_layers(fp, dataclasses.replace(base, keep_sensitive_budget=0.0), init, rows,
                                                show_progress=False)
@@ -110,8 +111,8 @@ def test_stages_record_the_choice(tmp_path):
     bench = make_tiny_bench(tmp_path, num_samples=4, batch_size=2)
     auto = ["quant.keep_sensitive=auto", "quant.keep_sensitive_budget=0.1", "quant.keep_sensitive_rows=8"]
     rc = qdistill(["quantize", "--config", "rtn", f"model={bench / 'model'}", f"out={tmp_path / 'rtn'}", *auto,
-                   "calibration.num_samples=2", "calibration.num_steps=4", "calibration.every=2",
-                   "sampling.num_samples=2", "sampling.num_steps=2"])
+                   "calibration.num_samples=2", "calibration.steps=4", "calibration.every=2",
+                   "sampling.num_samples=2", "sampling.steps=2"])
     assert rc == 0
     chosen = json.loads((tmp_path / "rtn" / "layer_selection.json").read_text())["layer_bits"]
     assert chosen and chosen == json.loads((tmp_path / "rtn" / "metrics.json").read_text())["layer_bits"]
@@ -120,7 +121,7 @@ def test_stages_record_the_choice(tmp_path):
     out = tmp_path / "run"
     args = [f"model={bench / 'model'}", f"trajectories={bench / 'traj'}", f"out={out}", *auto,
             "distill.iterations=2", "distill.batch_size=2", "distill.init_rows=8", "distill.checkpoint_every=0",
-            "distill.max_blocks=2", "sampling.num_samples=2", "sampling.num_steps=2", "threads=1"]
+            "distill.max_blocks=2", "sampling.num_samples=2", "sampling.steps=2", "threads=1"]
     from conftest import train_in_process
     rc, log = train_in_process(args)
     assert rc == 0, log

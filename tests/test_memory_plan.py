@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from qdistill.configs import load_config
 from qdistill.configs.schema import TrainConfig
-from qdistill.quantizers import calibrate_, find_blocks, quantize_
+from qdistill.quantizers import fit_ranges_, find_blocks, quantize_
 from qdistill.trainer import memory_plan
 from qdistill.trainer.block_graph import trace_block_graph
 from qdistill.trainer.block_inputs import BlockInputs
@@ -66,7 +66,7 @@ def test_planned_cache_is_what_the_capture_holds_at_its_peak(tiny_plan):
     student = quantize_(copy.deepcopy(teacher), cfg.quant)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(ROWS, 3, 16, 16, generator=g), torch.tensor([999.0, 500, 0] * 4)
-    calibrate_(student, [{"sample": x[:6], "timestep": t[:6]}])
+    fit_ranges_(student, [{"sample": x[:6], "timestep": t[:6]}])
     for p in [*teacher.parameters(), *student.parameters()]:
         p.requires_grad_(False)
 

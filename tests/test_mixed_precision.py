@@ -11,10 +11,11 @@ from diffusers import DDIMScheduler
 from conftest import build_unet, calibration_batches
 from qdistill.data.trajectories import run_sampler
 from qdistill.export import export_model, load_exported
-from qdistill.quantizers import QUANT_LAYERS, QuantConfig, calibrate_, dilate_weight, quantize_
+from qdistill.quantizers import QUANT_LAYERS, QuantConfig, fit_ranges_, dilate_weight, quantize_
 from qdistill.quantizers.integer_kernels import unavailable_reason
-from qdistill.quantizers.mixed_precision import (apply_step_bits, bit_operations, choose_high_steps, layer_macs,
-                                                 with_act_bits, with_weight_bits)
+from qdistill.cost import layer_macs
+from qdistill.quantizers.mixed_precision import (apply_step_bits, bit_operations, choose_high_steps, with_act_bits,
+                                                 with_weight_bits)
 from qdistill.quantizers.temporal import TemporalQuantizer
 
 STEPS = 6
@@ -66,7 +67,7 @@ def mixed(request):
     scheduler.set_timesteps(STEPS)
     timesteps = [float(t) for t in scheduler.timesteps]
     batches = calibration_batches(fp, timesteps=timesteps, batches=3)
-    low = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), batches)
+    low = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=wb, act_bits=ab)), batches)
     high = low
     if switch in ("weights", "both"):
         high = with_weight_bits(high, 4, 8, fp)
@@ -181,7 +182,7 @@ def test_high_weights_come_from_the_fp_model_dilated():
     high model is closer to FP than the low one, and its weights are the FP weights dilated."""
     fp = build_unet("attn-lpb1")
     batches = calibration_batches(fp)
-    low = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=8)), batches)
+    low = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=8)), batches)
     high = with_weight_bits(low, 4, 8, fp)
     assert high.qdistill_config.weight_bits == 8 and low.qdistill_config.weight_bits == 4
     dilated = 0
@@ -223,10 +224,10 @@ def test_export_script_plans_the_schedule_within_the_budget(demo_pipeline_dir, t
     from qdistill.export import save_quantized
 
     fp = UNet2DModel.from_pretrained(demo_pipeline_dir / "unet").eval()
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=4)), calibration_batches(fp))
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=4)), calibration_batches(fp))
     save_quantized(q, tmp_path / "run" / "quantized", recipe="rtn", source_model=str(demo_pipeline_dir),
                    source_model_hash=model_hash(demo_pipeline_dir))
-    common = ["export", "--run", str(tmp_path / "run"), "mixed_precision.enabled=true", "measure.samples=2", "measure.steps=6",
+    common = ["export", "--run", str(tmp_path / "run"), "mixed_precision.enabled=true", "measure.num_samples=2", "measure.steps=6",
               "measure.batch_size=2"]
     # the noise rule alone, then a budget between the all-A4 and the all-A8 cost
     assert qdistill([*common, "--out", str(tmp_path / "free")]) == 0

@@ -23,7 +23,7 @@ from qdistill.evaluation.sampling import sample_batch
 from qdistill.export import ExportError, OnnxDenoiser, export_model, load_exported, save_quantized
 from qdistill.export.onnx_qdq import (MANIFEST, QDQLayer, calibrated_timesteps, open_session, qdq_model,
                                       range_features, segment_cost, timestep_groups, translation_table)
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 from qdistill.quantizers.temporal import TemporalQuantizer
 from qdistill.stages.export import export
 
@@ -32,7 +32,7 @@ onnx = pytest.importorskip("onnx")
 
 def _calibrated(name, bits):
     fp = build_unet(name)
-    return fp, calibrate_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
+    return fp, fit_ranges_(quantize_(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1])), calibration_batches(fp))
 
 
 @pytest.mark.parametrize("name,bits", [("attn-lpb1", (8, 8)), ("plain-lpb2", (4, 4))])

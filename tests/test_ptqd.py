@@ -13,8 +13,9 @@ from conftest import build_unet, calibration_batches, example_inputs
 from qdistill.cli import main as qdistill
 from qdistill.data.trajectories import record_trajectories, run_sampler, seeded_noise
 from qdistill.export import NOISE_CORRECTION_FILE, ExportError, export_model, load_exported, load_noise_correction
+from qdistill.analysis.noise_statistics import measure_noise_correction
 from qdistill.quantizers import (NoiseCorrectedScheduler, NoiseCorrection, NoiseMoments, QuantConfig, TemporalQuantizer,
-                                 calibrate_, estimate_noise_correction, measure_noise_correction, quantize_)
+                                 estimate_noise_correction, fit_ranges_, quantize_)
 
 # -- (a) the statistics ------------------------------------------------------------------------------------
 
@@ -281,7 +282,7 @@ def test_the_wrapper_delegates_to_the_wrapped_scheduler():
 @pytest.fixture(scope="module")
 def tiny_quantized():
     fp = build_unet("attn-lpb1")
-    return calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), calibration_batches(fp))
+    return fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), calibration_batches(fp))
 
 
 def test_export_round_trip_and_damaged_statistics(tiny_quantized, tmp_path):
@@ -321,11 +322,11 @@ def test_export_measures_and_eval_samples_with_the_correction(demo_pipeline_dir,
     from qdistill.export import save_quantized
 
     fp = UNet2DModel.from_pretrained(demo_pipeline_dir / "unet").eval()
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=8)), calibration_batches(fp))
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=4, act_bits=8)), calibration_batches(fp))
     save_quantized(q, tmp_path / "run" / "quantized", recipe="rtn", source_model=str(demo_pipeline_dir),
                    source_model_hash=model_hash(demo_pipeline_dir))
     # the shipped recipe config, on this run, measured on DDPM
-    nc_args = ["--config", "ptqd", "measure.samples=4", "measure.steps=5", "measure.scheduler=ddpm",
+    nc_args = ["--config", "ptqd", "measure.num_samples=4", "measure.steps=5", "measure.scheduler=ddpm",
                "measure.batch_size=2"]
     assert qdistill(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "e"), *nc_args]) == 0
     out = capsys.readouterr().out

@@ -6,14 +6,14 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 from qdistill.export import CheckpointError, load_quantized, save_quantized
 
 
 def rtn(fp, weight_bits, act_bits, **kw):
     cfg = QuantConfig(weight_bits=weight_bits, act_bits=act_bits, per_timestep=False, weight_dilation=False, **kw)
     model = quantize_(copy.deepcopy(fp), cfg)
-    return calibrate_(model, calibration_batches(fp))
+    return fit_ranges_(model, calibration_batches(fp))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_conditional_guidance_loop():
     noise predictions for both halves stay close to FP's on the same inputs at every step."""
     fp = build_unet("xattn-lpb1")
     q = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8))
-    calibrate_(q, calibration_batches(fp))
+    fit_ranges_(q, calibration_batches(fp))
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(2, 5, 24, generator=g)
     x = torch.randn(2, 4, 16, 16, generator=g)

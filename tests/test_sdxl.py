@@ -17,7 +17,7 @@ def sdxl(tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
     rc = qdistill(["calibrate", "--config", "calibrate", f"model={pipe}", f"out={root / 'traj'}", f"prompts={prompts}",
-                   "guidance_scale=4.0", "scheduler=ddim", "num_samples=8", "batch_size=2", "num_steps=4", "every=2"])
+                   "guidance_scale=4.0", "scheduler=ddim", "num_samples=8", "batch_size=2", "steps=4", "every=2"])
     assert rc == 0
     return root, pipe, prompts
 
@@ -63,7 +63,7 @@ def test_sdxl_pipeline_trains_exports_with_ptqd_and_evaluates(sdxl):
                                 "distill.batch_size=4", "distill.init_rows=16", "threads=1", "deepspeed=zero0.json"])
     assert rc == 0, log
     assert "attentions.0" in log
-    assert qdistill(["export", f"run={root / 'run'}", "noise_correction=true", "measure.samples=4",
+    assert qdistill(["export", f"run={root / 'run'}", "noise_correction=true", "measure.num_samples=4",
                      "measure.steps=4", "measure.batch_size=2"]) == 0
     export = root / "run" / "export"
     assert (export / "noise_correction.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity (evaluation/sensitivity.py, `qdistill sensitivity`): the ranking finds a layer made
+"""Per-layer sensitivity (analysis/sensitivity.py, `qdistill sensitivity`): the ranking finds a layer made
 coarse on purpose, the single-layer errors add up to the whole model's at 8 bits, the model is left as found,
 and the stage writes its JSON, table, chart and TensorBoard events."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from conftest import calibration_batches, make_tiny_bench, tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from qdistill.cli import main as qdistill
-from qdistill.evaluation.sensitivity import layer_sensitivity, quantization_units, sensitivity_table
-from qdistill.quantizers import QuantConfig, calibrate_, quantize_
+from qdistill.analysis.sensitivity import layer_sensitivity, quantization_units, sensitivity_table
+from qdistill.quantizers import QuantConfig, fit_ranges_, quantize_
 
 COARSE = "up_blocks.1.resnets.0.conv1"  # a middle layer of tiny_unet, set to 2-bit weights below
 
@@ -21,7 +21,7 @@ COARSE = "up_blocks.1.resnets.0.conv1"  # a middle layer of tiny_unet, set to 2-
 def quantized(fp, bits: int):
     torch.manual_seed(0)
     model = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=bits, act_bits=bits))
-    return calibrate_(model, calibration_batches(fp, batches=4))
+    return fit_ranges_(model, calibration_batches(fp, batches=4))
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +111,8 @@ def test_stage_writes_json_table_chart_and_tensorboard(tmp_path, capsys):
         other.conv_in.bias.add_(1.0)
     DDPMPipeline(unet=other, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "other")
     rc = qdistill(["quantize", "--config", "rtn", f"model={tmp_path / 'other'}", f"out={tmp_path / 'rtn'}",
-                   "calibration.num_samples=2", "calibration.num_steps=4", "calibration.every=2",
-                   "sampling.num_samples=2", "sampling.num_steps=2"])
+                   "calibration.num_samples=2", "calibration.steps=4", "calibration.every=2",
+                   "sampling.num_samples=2", "sampling.steps=2"])
     assert rc == 0
     capsys.readouterr()
     rc = qdistill(["sensitivity", f"model={bench / 'model'}", f"trajectories={bench / 'traj'}", f"out={out}",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import build_unet, calibration_batches, example_inputs, rel_err
-from qdistill.quantizers import QuantConfig, TemporalQuantizer, calibrate_, quantize_, set_timesteps
+from qdistill.quantizers import QuantConfig, TemporalQuantizer, fit_ranges_, quantize_, set_timesteps
 from qdistill.quantizers.temporal import MAX_OBSERVED_VALUES, OBSERVED_VALUES_PER_QUANTIZER, Reservoir
 from qdistill.quantizers.uniform import fake_quant, qrange, search_range
 
@@ -114,7 +114,7 @@ def test_missing_timesteps_is_a_clear_error():
 @pytest.mark.parametrize("name", ["attn-lpb1", "xattn-lpb1"])
 def test_quantized_unet_mixed_batch_equals_per_timestep_runs(name):
     model = quantize_(build_unet(name), QuantConfig(weight_bits=4, act_bits=4))
-    calibrate_(model, calibration_batches(model))
+    fit_ranges_(model, calibration_batches(model))
     tables = [m for m in model.modules() if isinstance(m, TemporalQuantizer)]
     assert all(m.timesteps.numel() == 5 for m in tables)
     # the rows really differ across timesteps somewhere in the model
@@ -134,7 +134,7 @@ def test_quantized_unet_mixed_batch_equals_per_timestep_runs(name):
 
 def test_scalar_timestep_and_guidance_batch_are_routed():
     model = quantize_(build_unet("xattn-lpb1"), QuantConfig(weight_bits=8, act_bits=8))
-    calibrate_(model, calibration_batches(model))
+    fit_ranges_(model, calibration_batches(model))
     kw = example_inputs(model, batch=2, timesteps=[500, 500])
     cfg_kw = {"sample": torch.cat([kw["sample"]] * 2), "timestep": torch.tensor(500.0),
               "encoder_hidden_states": torch.cat([torch.zeros_like(kw["encoder_hidden_states"]),
@@ -154,7 +154,7 @@ def test_scalar_timestep_and_guidance_batch_are_routed():
 
 def test_block_run_alone_gets_timesteps_from_set_timesteps():
     model = quantize_(build_unet("attn-lpb1"), QuantConfig())
-    calibrate_(model, calibration_batches(model))
+    fit_ranges_(model, calibration_batches(model))
     block = copy.deepcopy(model.up_blocks[1].resnets[0])
     x = torch.randn(2, block.in_channels, 8, 8)
     temb = torch.randn(2, block.time_emb_proj.in_features)

@@ -1,4 +1,4 @@
-"""Diffusion transformers (DiT, PixArt, SD3, Flux) through quantize_ / calibrate_: the forward's own signature,
+"""Diffusion transformers (DiT, PixArt, SD3, Flux) through quantize_ / fit_ranges_: the forward's own signature,
 transformer blocks, attention quantized inside each family's own processor, layer roles."""
 import copy
 
@@ -13,7 +13,7 @@ from qdistill.data.calibration import record_calibration_set
 from qdistill.data.calibration_set import load_shards, to_model_inputs
 from qdistill.data.model_folder import load_denoiser
 from qdistill.denoisers import bound_inputs, example_inputs, latent_name, noise_prediction, num_classes
-from qdistill.quantizers import QuantConfig, TemporalQuantizer, block_output, calibrate_, find_blocks, quantize_, \
+from qdistill.quantizers import QuantConfig, TemporalQuantizer, block_output, fit_ranges_, find_blocks, quantize_, \
     set_quantization
 from qdistill.quantizers.attention import QuantAttnProcessor
 from qdistill.quantizers.layer_precision import assign_layer_bits, layer_roles
@@ -52,7 +52,7 @@ def test_quantization_off_is_exact_and_on_changes_the_prediction(family):
     set_quantization(q, weights=False, activations=False)
     torch.testing.assert_close(noise_prediction(q(**kw)), ref, rtol=1e-5, atol=2e-6)  # Weight Dilation: exact math
     set_quantization(q, weights=True, activations=True)
-    calibrate_(q, [kw])
+    fit_ranges_(q, [kw])
     err = (noise_prediction(q(**kw)) - ref).pow(2).mean() / ref.pow(2).mean()
     assert 1e-6 < err < 0.05, err  # quantized, and still the same function
 
@@ -70,7 +70,7 @@ def test_attention_is_quantized_inside_the_familys_own_processor(family):
     if family in ("sd3", "flux"):  # joint attention / RoPE: the processor is kept, its SDPA calls are caught
         assert len(wrapped) == len(attention)
         assert {type(m.processor) for m in q.modules() if hasattr(m, "processor")} == processors
-    calibrate_(q, [kw])
+    fit_ranges_(q, [kw])
     for m in wrapped + plain:  # every attention quantizer saw the calls and holds a calibrated row per timestep
         for quantizer in (m.q_quantizer, m.k_quantizer, m.v_quantizer, m.probs_quantizer):
             assert quantizer.timesteps.numel() == 2 and bool((quantizer.delta > 0).all())
@@ -142,7 +142,7 @@ def test_keyword_positional_and_scalar_timestep_forwards(family):
     fp = build_transformer(family)
     kw = example_inputs(fp, 2)
     q = quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8))
-    calibrate_(q, [kw])
+    fit_ranges_(q, [kw])
     by_keyword = noise_prediction(q(**kw))
     name = latent_name(q)
     rest = {k: v for k, v in kw.items() if k != name}
@@ -169,7 +169,7 @@ def dit_pipeline(tmp_path_factory):
     from qdistill.cli import main as qdistill
 
     assert qdistill(["calibrate", "--config", "calibrate", f"model={root / 'pipe'}", f"out={root / 'traj'}",
-                     "num_samples=4", "batch_size=2", "num_steps=10", "every=2"]) == 0
+                     "num_samples=4", "batch_size=2", "steps=10", "every=2"]) == 0
     return root
 
 
@@ -190,7 +190,7 @@ def test_a_dit_pipeline_runs_calibrate_train_export_eval(dit_pipeline):
                                 f"trajectories={root / 'traj'}", f"out={root / 'run'}", "quant.weight_bits=8",
                                 "quant.act_bits=8", "distill.iterations=4", "distill.batch_size=4",
                                 "distill.init_rows=16", "distill.eval_every=2", "sampling.num_samples=4",
-                                "sampling.num_steps=10", "threads=1"])
+                                "sampling.steps=10", "threads=1"])
     assert rc == 0, log
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     trained = [b["block"] for b in metrics["blocks"]]
@@ -215,8 +215,8 @@ def test_a_dit_runs_the_rtn_and_ptqd_baselines(dit_pipeline):
 
     root, pipe = dit_pipeline, dit_pipeline / "pipe"
     assert qdistill(["quantize", "--config", "rtn", f"model={pipe}", f"out={root / 'rtn'}", "quant.weight_bits=8",
-                     "calibration.num_samples=4", "calibration.num_steps=10", "calibration.every=2",
-                     "sampling.num_samples=2", "sampling.num_steps=10", "quant.keep_sensitive=auto",
+                     "calibration.num_samples=4", "calibration.steps=10", "calibration.every=2",
+                     "sampling.num_samples=2", "sampling.steps=10", "quant.keep_sensitive=auto",
                      "quant.keep_sensitive_rows=8"]) == 0
     rtn = json.loads((root / "rtn" / "metrics.json").read_text())
     assert rtn["psnr_db"] > 20, rtn  # W8A8 RTN on labelled inputs: close to FP
@@ -227,7 +227,7 @@ def test_a_dit_runs_the_rtn_and_ptqd_baselines(dit_pipeline):
                                 "distill.init_rows=16", "threads=1"])
     assert rc == 0, log
     assert qdistill(["export", "--config", "dilatequant+ptqd", f"run={run}", f"out={root / 'ptqd'}",
-                     "measure.samples=4", "measure.steps=10", "measure.batch_size=2"]) == 0
+                     "measure.num_samples=4", "measure.steps=10", "measure.batch_size=2"]) == 0
     meta = json.loads((root / "ptqd" / "quant_config.json").read_text())
     assert "noise_correction" in json.dumps(meta)
     assert qdistill(["eval", f"model={root / 'ptqd'}", f"reference={pipe}", "num_samples=2", "batch_size=2",
@@ -313,7 +313,7 @@ def test_integer_mode_runs_the_transformers_linears_on_int8_kernels(family):
 
     fp = build_transformer(family)
     kw = mixed_timesteps(fp, example_inputs(fp, 2))
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), [kw])
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), [kw])
     simulated = noise_prediction(q(**kw))
     with torch.no_grad():
         report = to_integer(q)
@@ -336,7 +336,7 @@ def test_integer_attention_under_the_familys_own_processor_runs_on_codes(family,
 
     fp = build_transformer(family)
     kw = example_inputs(fp, 2)  # one timestep for the batch
-    q = calibrate_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), [kw])
+    q = fit_ranges_(quantize_(copy.deepcopy(fp), QuantConfig(weight_bits=8, act_bits=8)), [kw])
     wrapped = [m for m in q.modules() if isinstance(m, QuantSDPA)]
     taken = []
     real_attend = integer_attention.attend
@@ -416,7 +416,7 @@ def sd3_pipeline(tmp_path_factory):
 
     assert qdistill(["calibrate", "--config", "calibrate", f"model={root / 'pipe'}", f"out={root / 'traj'}",
                      f"prompts={prompts}", "guidance_scale=4.0", "scheduler=own", "num_samples=4", "batch_size=2",
-                     "num_steps=4", "every=2"]) == 0
+                     "steps=4", "every=2"]) == 0
     return root
 
 
@@ -474,7 +474,7 @@ def t5_pipeline(request, tmp_path_factory):
     prompts = root / "prompts.txt"
     prompts.write_text("a red shoe\na blue bag\na photo of a dress\n")
     assert qdistill(["calibrate", "--config", "calibrate", f"model={root / 'pipe'}", f"out={root / 'traj'}",
-                     f"prompts={prompts}", guidance, scheduler, "num_samples=4", "batch_size=2", "num_steps=4",
+                     f"prompts={prompts}", guidance, scheduler, "num_samples=4", "batch_size=2", "steps=4",
                      "every=2", f"sample_size={SIZE}"]) == 0
     return family, root
 
@@ -595,14 +595,14 @@ def test_pixart_and_flux_pipelines_train_export_and_eval_through_their_pipelines
 
 
 def test_the_shipped_dit_teacher_loads_records_and_quantizes(tmp_path):
-    """bench/dit-teacher as it ships (docs/bench.md), loaded with from_pretrained: its blocks are the patch
+    """assets/dit-teacher as it ships (docs/bench.md), loaded with from_pretrained: its blocks are the patch
     embedding, its 6 transformer blocks, the output modulation and the head; its recorded trajectories carry
     label seed % 10 and are its own predictions; quantization off is exact and W8A8 calibrated on those rows stays
     near FP."""
-    model = load_denoiser("bench/dit-teacher").eval()
+    model = load_denoiser("assets/dit-teacher").eval()
     assert type(model).__name__ == "DiTTransformer2DModel" and num_classes(model) == 10
-    cfg = load_config(TrajectoryConfig, None, ["model=bench/dit-teacher", f"out={tmp_path / 't'}", "num_samples=4",
-                                               "batch_size=4", "num_steps=10", "every=3"])
+    cfg = load_config(TrajectoryConfig, None, ["model=assets/dit-teacher", f"out={tmp_path / 't'}", "num_samples=4",
+                                               "batch_size=4", "steps=10", "every=3"])
     assert record_calibration_set(cfg)["conditioning"] == "class"
     rows = load_shards(tmp_path / "t")[:]
     assert rows["class_label"].tolist() == [s % 10 for s in rows["sample_id"].tolist()]
@@ -616,6 +616,6 @@ def test_the_shipped_dit_teacher_loads_records_and_quantizes(tmp_path):
         set_quantization(q, weights=False, activations=False)
         torch.testing.assert_close(noise_prediction(q(**kw)), ref, rtol=1e-5, atol=1e-5)
         set_quantization(q, weights=True, activations=True)
-        calibrate_(q, [kw])
+        fit_ranges_(q, [kw])
         err = (noise_prediction(q(**kw)) - ref).pow(2).mean() / ref.pow(2).mean()
     assert 1e-7 < err < 0.02, err

@@ -13,43 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..denoisers import latent_name
-
-
-class Lineage(TorchFunctionMode):
-    """Labels tensors with the set of blocks their values derive from."""
-
-    def __init__(self):
-        super().__init__()
-        self.labels = WeakIdKeyDictionary()
-
-    def of(self, tree) -> frozenset[int]:
-        found: set[int] = set()
-        for x in tree_leaves(tree):
-            if isinstance(x, torch.Tensor):
-                found |= self.labels.get(x, frozenset())
-        return frozenset(found)
-
-    def mark(self, tree, labels: frozenset[int], replace: bool = False) -> None:
-        for x in tree_leaves(tree):
-            if isinstance(x, torch.Tensor):
-                self.labels[x] = labels if replace else self.labels.get(x, frozenset()) | labels
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        labels = self.of((args, kwargs))
-        if labels:
-            self.mark(out, labels)
-            name = getattr(func, "__name__", "")
-            if args and isinstance(args[0], torch.Tensor) and (name.endswith("_") or name in (
-                    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")):
-                self.mark(args[0], labels)  # written in place (possibly through a view)
-        return out
+from ..lineage import Lineage
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Each block's inputs and targets for all of a rank's calibration rows, captured block after block at the cost
-of the block itself (DESIGN.md §3.5).
+of the block itself (docs/design.md §3.5).
 
 Block k's call is captured from the live models (trainer/capture.py) with every earlier block replaced by its
 output, computed once, when that block was the one captured: the teacher's outputs (block k's FP output is

@@ -1,5 +1,5 @@
 """Capturing a block's call from the live model: its inputs (and the block's output) for a batch of model
-inputs, by a forward pre-hook that stops the forward once the block has been seen (DESIGN.md §3.5: hooks on
+inputs, by a forward pre-hook that stops the forward once the block has been seen (docs/design.md §3.5: hooks on
 the model, never re-implementations of diffusers' forwards); and blocks whose calls return given outputs
 without running, so that the forward up to a block costs the model's code between blocks, not the blocks."""
 from __future__ import annotations

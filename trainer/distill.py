@@ -1,4 +1,4 @@
-"""Block-wise training of a quantized model on DeepSpeed (DESIGN.md §3.5, §3.6, §4).
+"""Block-wise training of a quantized model on DeepSpeed (docs/design.md §3.5, §3.6, §4).
 
 For each block k, in execution order, the quantized block learns to match its FP twin, e.g. (DilateQuant BKD)
 

@@ -1,4 +1,4 @@
-"""End-to-end distillation after the blocks (`distill.e2e_iterations`, DESIGN.md §3.5's loss over the whole model).
+"""End-to-end distillation after the blocks (`distill.e2e_iterations`, docs/design.md §3.5's loss over the whole model).
 
 A block-wise loss sees each block's output given its own input, not the error the blocks pass on to each other
 (BENCHMARKS.md: at equal updates, end-to-end training reached 24.8 dB PSNR vs FP against block-wise's 16.5). This

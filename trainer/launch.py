@@ -9,16 +9,47 @@ import datetime
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
+from torch.utils.cpp_extension import get_default_build_root
 
 from ..configs import CONFIG_DIR, ConfigError
 from ..devices import resolve_device
 from ..distributed_env import fill_rank_environment
+from ..errors import BuildLockError
 
 logger = logging.getLogger(__name__)
 _SET_HERE: list[str] = []  # the environment variables init_distributed set (a plain run, or srun's translation)
+BUILD_LOCK_WAIT_S = 600  # DeepSpeed's CPU op builds in about a minute; a lock older than this is a killed build's
+
+
+def build_locks() -> list[Path]:
+    """The lock files of DeepSpeed op builds under torch's extension folder (torch's FileBaton: a build killed
+    mid-way leaves its lock, and the next build waits on it forever, silently)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    return sorted([*root.glob("deepspeed*/lock"), *root.glob("*/deepspeed*/lock")])
+
+
+def wait_for_build_locks(max_wait_s: float = BUILD_LOCK_WAIT_S, poll_s: float = 2.0) -> None:
+    """Wait (saying so) while another process holds a DeepSpeed build lock; a lock older than `max_wait_s` is a
+    killed build's, and is named in an error instead of waited on forever."""
+    warned = False
+    while locks := build_locks():
+        lock = locks[0]
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # the build just finished
+            continue
+        if age > max_wait_s:
+            raise BuildLockError(f"DeepSpeed's op build lock {lock} is {age / 60:.0f} min old: a build killed "
+                                 "mid-way left it, and the next build would wait on it forever; delete it (with no "
+                                 "other run building DeepSpeed's ops) and run again")
+        if not warned:
+            logger.warning(f"waiting for {lock}: another process is building DeepSpeed's ops (about a minute)")
+            warned = True
+        time.sleep(poll_s)
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
@@ -35,6 +66,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60.0) -> tup
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the deepspeed import
     _SET_HERE.extend(fill_rank_environment())  # nothing under torchrun or the deepspeed launcher
     device = resolve_device("cuda") if on_gpu else torch.device("cpu")  # set before NCCL makes communicators
+    wait_for_build_locks()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -9,19 +9,26 @@ in one block's forward (a saved-tensors hook on meta tensors), and FLOPs from to
 """
 from __future__ import annotations
 
+import argparse
 import copy
-import sys
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from ..errors import ConfigError
+from ..configs import load_config
+from ..configs.schema import TrainConfig
+from ..denoisers import example_inputs as inputs_of
+from ..errors import ConfigError, QdistillError
+from ..model_shapes import SHAPES
 from ..quantizers import QUANT_LAYERS, TemporalQuantizer, find_blocks, quantize_, set_timesteps
 from .block_graph import trace_block_graph
+from .launch import load_deepspeed_config
 
 TEXT_TOKENS = 77  # CLIP's sequence length: the encoder_hidden_states of SD-class models
 MIB = 2**20
@@ -29,11 +36,7 @@ MIB = 2**20
 
 def meta_model(source: str) -> nn.Module:
     """A diffusers denoiser on the meta device from a model folder (its unet/ or transformer/config.json, or
-    config.json), a config JSON file, or a name in qdistill.bench.unet_shapes.SHAPES."""
-    import diffusers
-
-    from ..bench.unet_shapes import SHAPES
-
+    config.json), a config JSON file, or a name in qdistill.model_shapes.SHAPES."""
     if source in SHAPES:
         cls_name, config = SHAPES[source]
     else:
@@ -58,8 +61,6 @@ def meta_model(source: str) -> nn.Module:
 
 def example_inputs(model: nn.Module, batch: int, device="meta") -> dict:
     """One batch of model inputs of the model's shapes (on the meta device: shapes only), CLIP-length text."""
-    from ..denoisers import example_inputs as inputs_of
-
     return inputs_of(model, batch, text_tokens=TEXT_TOKENS, device=device)
 
 
@@ -232,7 +233,7 @@ def plan(cfg, model_source: str, rows: int, world_size: int = 1, zero_stage: int
     probe = example_inputs(teacher, 2)
     blocks_fp, blocks_q = find_blocks(teacher, probe), find_blocks(student, probe)
     batch = cfg.distill.batch_size // world_size
-    costs = _block_costs(teacher, student, blocks_fp, blocks_q, cfg.recipe, lambda b: example_inputs(teacher, b),
+    costs = _block_costs(teacher, student, blocks_fp, blocks_q, cfg.method, lambda b: example_inputs(teacher, b),
                          batch)
 
     # tables: a (Δ, z) row per timestep and quantizer, 4-byte values (meta tables hold one row)
@@ -273,7 +274,7 @@ def plan(cfg, model_source: str, rows: int, world_size: int = 1, zero_stage: int
         capture = sum(c.flops * (2 if k < last - 1 else 1) for k, c in enumerate(costs[:last])) / total
     else:  # both models up to each block (asked for, or what the trainer falls back to when the cache does not fit)
         capture = sum(2 * sum(x.flops for x in costs[:k + 1]) for k in range(last)) / total
-    iterations = cfg.distill.iterations if cfg.recipe == "dilatequant" else (
+    iterations = cfg.distill.iterations if cfg.method == "dilatequant" else (
         cfg.qdiffusion.rounding_iterations + cfg.qdiffusion.act_iterations)
     train = sum(3 * c.flops * iterations * batch for c in costs[:last]) / (total * rows_per_rank)
     return MemoryPlan(model=model_source, world_size=world_size, zero_stage=zero_stage,
@@ -286,13 +287,6 @@ def plan(cfg, model_source: str, rows: int, world_size: int = 1, zero_stage: int
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from ..configs import load_config
-    from ..configs.schema import TrainConfig
-    from ..errors import QdistillError
-    from .launch import load_deepspeed_config
-
     parser = argparse.ArgumentParser(description="Per-rank memory and compute of a `qdistill train` run, on meta")
     parser.add_argument("--model", required=True, help="model folder, diffusers config.json, or a shape name")
     parser.add_argument("--config", default="dilatequant", help="train config (a recipe name or a YAML path)")
@@ -314,7 +308,7 @@ def main(argv=None) -> int:
         return 2
     p = plans[0]
     print(f"{args.model}: {sum(b.params for b in p.blocks) / 1e6:.1f}M trainable in {len(p.blocks)} blocks; "
-          f"{cfg.recipe} {cfg.quant.tag}, batch {cfg.distill.batch_size}, {args.rows} rows, ZeRO {stage}, "
+          f"{cfg.method} {cfg.quant.tag}, batch {cfg.distill.batch_size}, {args.rows} rows, ZeRO {stage}, "
           f"{cfg.precision}, cache_mb={cfg.distill.cache_mb}, capture={cfg.distill.capture}")
     print("| per rank | " + " | ".join(f"{n} rank{'s' if n > 1 else ''}" for n in ranks) + " |")
     print("|---|" + "---:|" * len(plans))

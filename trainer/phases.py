@@ -91,7 +91,7 @@ class Phase:
 
 
 class DistillPhase(Phase):
-    """DilateQuant's block-wise distillation (DESIGN.md §3.5): the block's full weights, step sizes, zero
+    """DilateQuant's block-wise distillation (docs/design.md §3.5): the block's full weights, step sizes, zero
     points and TPQ tables learn together against the MSE to the FP block's output. `cfg` is a DistillConfig."""
 
     name = "distill"

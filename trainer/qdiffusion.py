@@ -1,4 +1,4 @@
-"""Q-Diffusion's block reconstruction (BRECQ + AdaRound; DESIGN.md §3.6), as two phases per block.
+"""Q-Diffusion's block reconstruction (BRECQ + AdaRound; docs/design.md §3.6), as two phases per block.
 
 1. `RoundingPhase`: the block's weights choose their rounding (AdaRound) against the block-output loss
    (lp with p = 2) plus λ·Σ(1 − |2h − 1|^β), β annealed 20 → 2 after a 20 % warm-up with the regulariser off.

@@ -11,8 +11,8 @@ RECIPES = ("dilatequant", "qdiffusion")
 def recipe_phases(cfg) -> list[Phase]:
     """The phases of a TrainConfig's recipe: DilateQuant's one BKD phase, or Q-Diffusion's rounding then
     activation step sizes."""
-    if cfg.recipe == "dilatequant":
+    if cfg.method == "dilatequant":
         return [DistillPhase(cfg.distill)]
-    if cfg.recipe == "qdiffusion":
+    if cfg.method == "qdiffusion":
         return qdiffusion_phases(cfg.qdiffusion)
-    raise ConfigError(f"config key 'recipe': unknown recipe {cfg.recipe!r} (known: {', '.join(RECIPES)})")
+    raise ConfigError(f"config key 'method': unknown method {cfg.method!r} (known: {', '.join(RECIPES)})")

@@ -137,7 +137,7 @@ class RunCheckpoint:
             raise CheckpointError(f"{self.path / PROGRESS} was written for other blocks (another model?); "
                                   "start a new run folder or pass overwrite=true")
         saved = progress.get("run_config") or {}
-        for key in ("recipe", "quant"):  # resuming under other bits or another recipe would mix two runs
+        for key in ("method", "quant"):  # resuming under other bits or another method would mix two runs
             if key in saved and key in run_config and saved[key] != run_config[key]:
                 there, here = saved[key], run_config[key]
                 diff = [f"{key}.{k}: {there.get(k)} there, {here.get(k)} here" for k in sorted({*there, *here})

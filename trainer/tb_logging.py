@@ -1,4 +1,4 @@
-"""What block-wise training writes to TensorBoard (DESIGN.md §4): loss per block and per timestep bucket,
+"""What block-wise training writes to TensorBoard (docs/design.md §4): loss per block and per timestep bucket,
 learning rates, gradient norm, samples/s, peak memory, and step-size histograms after every block."""
 from __future__ import annotations
 

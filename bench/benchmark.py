@@ -1,10 +1,10 @@
 """benchmark: FP and every recipe at W8A8, W4A8 and W4A4 on the bench model, with the same calibration data,
 seeds and sampler, each judged by `qdistill eval` on its export.
 
-    qdistill benchmark                  # the full table (2000 samples a row: several hours on a 2-core CPU)
-    qdistill benchmark quick=true       # W4A8 only, short training, 256 samples (about 10 minutes)
+    python -m qdistill.bench.benchmark --config bench/benchmark             # the full table (several hours on 2 cores)
+    python -m qdistill.bench.benchmark --config bench/benchmark quick=true  # W4A8 only, short (about 10 minutes)
 
-Recipes (DESIGN.md §3.1–3.8; each an installed config, run by the same `qdistill` stages users run):
+Recipes (docs/design.md §3; each an installed config, run by the same `qdistill` stages users run):
   rtn              qdistill quantize --config rtn (MSE ranges, one activation scale)
   qdiffusion       qdistill train --config qdiffusion (AdaRound + activation step sizes)
   ptqd             the qdiffusion model, qdistill export --config ptqd (PTQD's noise correction; eval samples
@@ -39,14 +39,25 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from ..configs import CONFIG_DIR
-from ..configs.schema import BenchmarkConfig, EvalConfig
-from ..errors import ConfigError, QdistillError
-from ..files import atomic_write_text
-from ..trainer.run_state import CHECKPOINT
+from qdistill.analysis.sensitivity import sensitivity_table
+from qdistill.cli import run_command
+from qdistill.configs import CONFIG_DIR
+from qdistill.configs.schema import EvalConfig
+from qdistill.cost import FP_BITS, layer_macs
+from qdistill.data.model_folder import load_denoiser, load_scheduler, resolve
+from qdistill.denoisers import example_inputs
+from qdistill.evaluation.classifier_fd import classifier_quality
+from qdistill.evaluation.fidelity import from_uint8
+from qdistill.evaluation.sampling import sample_across_ranks
+from qdistill.export import load_exported
+from qdistill.errors import ConfigError, QdistillError
+from qdistill.files import atomic_write_text, shipped
+from qdistill.quantizers.mixed_precision import bit_operations
+from qdistill.trainer.run_state import CHECKPOINT
 
 logger = logging.getLogger(__name__)
 QDISTILL = [sys.executable, "-m", "qdistill"]
@@ -54,6 +65,52 @@ EVAL_SEED = EvalConfig.seed  # `qdistill eval`'s first seed, which every row sam
 BITS = ("W8A8", "W4A8", "W4A4")
 RECIPES = ("rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd")
 MARK_BEGIN, MARK_END = "<!-- benchmark:begin -->", "<!-- benchmark:end -->"
+
+
+@dataclass
+class BenchmarkConfig:
+    """`python -m qdistill.bench.benchmark`: FP and every recipe side by side on the bench model (same calibration data, seeds and
+    sampler), each stage run as `qdistill ...` and each row judged by `qdistill eval` on its export. Unset sizes
+    take the full table's defaults (200 iterations, 2000 samples, 50 steps) or, with quick=true, 30, 256, 25."""
+
+    quick: bool = False  # W4A8 only, short training, 256 samples, 25 steps (about 10 minutes on 2 cores)
+    out: str | None = None  # results folder; default runs/benchmark (quick: runs/benchmark-quick)
+    model: str = "assets/teacher"
+    trajectories: str = "runs/trajectories"  # recorded with the `calibrate` config if missing
+    classifier: str = "assets/classifier"
+    configs: str | None = None  # folder of the recipe configs; default the installed ones
+    bits: list[Literal["W8A8", "W4A8", "W4A4"]] | None = None  # default all three (quick: W4A8)
+    recipes: list[Literal["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"]] = field(
+        default_factory=lambda: ["rtn", "qdiffusion", "ptqd", "dilatequant", "dilatequant+ptqd"])
+    iterations: int | None = None  # training iterations per block
+    num_samples: int | None = None  # samples per row
+    steps: int | None = None  # sampler steps
+    fidelity_samples: int = 16
+    nc_samples: int = 64  # FP trajectories for PTQD's statistics
+    mode: Literal["integer", "simulated"] = "integer"
+    extra_rows: bool = True  # the DDPM and mixed-precision rows
+    with_keep_sensitive: bool = True  # rtn and dilatequant with quant.keep_sensitive=auto, at every bits
+    noise_floor: bool = True  # the FP model's FD on a second, disjoint seed set
+    e2e_iterations: int = 0  # > 0: dilatequant rows with this many end-to-end iterations after the blocks
+    e2e_inputs: list[Literal["fp", "quantized"]] = field(default_factory=lambda: ["fp", "quantized"])
+    low_rank: int = 0  # > 0: rtn and dilatequant rows with a low-rank float branch of this rank (quant.low_rank)
+    weight_group_size: int = 0  # > 0: rows with group-wise 4-bit weights (quant.weight_group_size)
+    sensitivity_top: int = 3  # each trained model's most sensitive units (`qdistill sensitivity`); 0: none
+    sensitivity_rows: int = 64  # calibration rows that sensitivity measures on
+    update: str | None = None  # also write the table into this Markdown file's marked section
+
+    def __post_init__(self):
+        for key in ("iterations", "num_samples", "steps", "fidelity_samples", "nc_samples", "sensitivity_rows"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if self.sensitivity_top < 0:
+            raise ValueError(f"sensitivity_top must be >= 0 (0: none), got {self.sensitivity_top}")
+        for key in ("low_rank", "weight_group_size"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0 (0: no such rows), got {getattr(self, key)}")
+        if self.e2e_iterations < 0:
+            raise ValueError(f"e2e_iterations must be >= 0 (0: no end-to-end rows), got {self.e2e_iterations}")
 
 
 @dataclass(frozen=True)
@@ -190,7 +247,6 @@ def train_model(row: Row, args, out: Path) -> dict:
         run([*QDISTILL, "sensitivity", f"model={args.model}", f"trajectories={args.trajectories}",
              f"quantized={run_dir}", f"out={sens}", f"rows={args.sensitivity_rows}", f"top={args.sensitivity_top}"],
             run_dir / "sensitivity.log")
-        from ..evaluation.sensitivity import sensitivity_table
 
         report = json.loads((sens / "sensitivity.json").read_text())
         stage["most_sensitive"] = [{k: u[k] for k in ("name", "bits", "share", "saving")}
@@ -229,11 +285,6 @@ def fp_noise_floor(args, out: Path) -> dict:
     record = out / "fp_floor.json"
     if record.is_file():
         return json.loads(record.read_text())
-    from ..bench.quality import bench_quality
-    from ..data.model_folder import load_denoiser, load_scheduler
-    from ..evaluation.sampling import from_uint8, sample_across_ranks
-    from ..files import shipped
-
     classifier = shipped(args.classifier)
     if not (classifier / "config.json").is_file():
         return {}
@@ -241,7 +292,7 @@ def fp_noise_floor(args, out: Path) -> dict:
     seed = EVAL_SEED + args.num_samples
     images = sample_across_ranks(fp, load_scheduler(args.model, "ddim"), list(range(seed, seed + args.num_samples)),
                                  args.steps, 64, 0.0, 0, 1, desc="FP samples, second seed set")
-    floor = {"seeds": [seed, seed + args.num_samples], "fd": bench_quality(from_uint8(images), classifier)["fd"]}
+    floor = {"seeds": [seed, seed + args.num_samples], "fd": classifier_quality(from_uint8(images), classifier)["fd"]}
     atomic_write_text(record, json.dumps(floor, indent=2))
     return floor
 
@@ -256,18 +307,13 @@ def same_calibration(trajectories: str) -> list[str]:
                          f"unconditional or class-conditional DDIM/DDPM trajectories only (these: {m['selection']['mode']}, "
                          f"{m['scheduler']['class']}, conditioning {m['conditioning']})")
     return [f"calibration.num_samples={m['seeds']['count']}", f"calibration.seed={m['seeds']['start']}",
-            f"calibration.num_steps={m['num_steps']}", f"calibration.every={m['selection']['every']}",
+            f"calibration.steps={m['num_steps']}", f"calibration.every={m['selection']['every']}",
             f"calibration.scheduler={scheduler}", f"calibration.eta={m['eta']}",
             f"calibration.batch_size={m['seeds']['batch_size']}"]
 
 
 def relative_bops(export: Path, scheduler_name: str, steps: int, model: str) -> float:
     """Bit-operations of a sampling run of the export relative to the FP model's (per-step bits included)."""
-    from ..data.model_folder import load_scheduler
-    from ..denoisers import example_inputs
-    from ..export import load_exported
-    from ..quantizers.mixed_precision import FP_BITS, bit_operations, layer_macs
-
     q = load_exported(export, "simulated")
     scheduler = load_scheduler(model, scheduler_name)
     scheduler.set_timesteps(steps)
@@ -284,7 +330,7 @@ def evaluate_row(row: Row, args, out: Path) -> dict:
     if row.ptqd:  # the recipe's export config: configs/ptqd.yaml, configs/dilatequant+ptqd.yaml
         cmd += ["--config", str(args.configs / f"{row.recipe}.yaml")]
     if row.ptqd or row.mixed_precision:  # measured on this row's sampler
-        cmd += [f"measure.samples={args.nc_samples}", f"measure.steps={args.steps}", f"measure.scheduler={row.scheduler}"]
+        cmd += [f"measure.num_samples={args.nc_samples}", f"measure.steps={args.steps}", f"measure.scheduler={row.scheduler}"]
     if row.mixed_precision:
         cmd += ["mixed_precision.enabled=true"] + (["mixed_precision.weight_bits=8"] if row.mixed_weights else [])
     run(cmd, row_dir / "export.log")
@@ -311,7 +357,6 @@ def fmt(v, spec: str) -> str:
 
 
 def table(rows: list[Row], results: dict, args, floor: dict | None = None) -> str:
-    from ..data.model_folder import resolve
 
     lines = [f"Bench model `{args.model}`; {args.num_samples} samples per row on seeds {EVAL_SEED}…, {args.steps} "
              f"steps, quantized models sampled on `{args.mode}` kernels; {args.iterations} training iterations per "
@@ -392,7 +437,7 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
     if not (Path(args.trajectories) / "manifest.json").is_file():
         run([*QDISTILL, "calibrate", "--config", str(args.configs / "calibrate.yaml"),
              f"model={args.model}", f"out={args.trajectories}"], out / "calibrate.log")
-    rows = rows_for(args.bits, args.recipes, args.extra_rows, args.keep_sensitive_rows,
+    rows = rows_for(args.bits, args.recipes, args.extra_rows, args.with_keep_sensitive,
                     tuple(args.e2e_inputs) if args.e2e_iterations else (), args.low_rank, args.weight_group_size)
     t_start = time.time()
     for i, row in enumerate(rows):
@@ -414,3 +459,12 @@ def benchmark(cfg: BenchmarkConfig) -> dict:
     for line in text.splitlines():
         logger.info(line)
     return {"settings": settings, "rows": results, "table": text}
+
+
+def main(argv=None) -> int:
+    return run_command("qdistill.bench.benchmark", BenchmarkConfig, benchmark,
+                       "FP and every recipe side by side on the bench model", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

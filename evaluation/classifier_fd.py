@@ -1,5 +1,8 @@
-"""The bench classifier: a small Fashion-MNIST CNN whose penultimate features define the bench Fréchet
-distance (FD). Saved as safetensors + JSON with the test split's feature statistics beside it."""
+"""Fréchet distance in a classifier's features: the metric `qdistill eval` reports as `fd` for 1×32×32 models.
+
+The classifier is a small CNN (`assets/classifier` ships one trained on Fashion-MNIST) whose penultimate
+features define the distance; its folder holds safetensors + JSON and the reference split's feature statistics,
+so scoring needs no data set. `classifier_quality` gives the FD of a set of images and the share of each class."""
 from __future__ import annotations
 
 import json
@@ -9,8 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.fashion_mnist import CLASSES
 from ..errors import QdistillError
 from ..files import shipped
+from .frechet import frechet_distance
 
 WEIGHTS, CONFIG, TEST_STATS = "model.safetensors", "config.json", "test_feature_stats.safetensors"
 
@@ -59,3 +64,15 @@ class BenchClassifier(nn.Module):
 
 def load_test_stats(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(shipped(path) / TEST_STATS))
+
+
+@torch.no_grad()
+def classifier_quality(images: torch.Tensor, classifier_dir: str | Path) -> dict:
+    """FD of `images` (in [-1, 1]) to the classifier's stored reference statistics, and the predicted class
+    shares."""
+    classifier = BenchClassifier.load(classifier_dir)
+    fd = frechet_distance(classifier.features, images, load_test_stats(classifier_dir))
+    preds = torch.cat([classifier(x).argmax(1) for x in images.split(500)])
+    shares = torch.bincount(preds, minlength=len(CLASSES)).float() / len(preds)
+    return {"fd": fd, "class_shares": {name: round(float(s), 4) for name, s in zip(CLASSES, shares)},
+            "min_class_share": float(shares.min())}

@@ -23,7 +23,7 @@ from torch import nn
 from ..denoisers import noise_prediction
 from ..progress import progress
 from ..quantizers import QUANT_LAYERS, QuantAttnProcessor
-from ..quantizers.mixed_precision import layer_macs
+from ..cost import layer_macs
 
 
 @dataclass
@@ -96,7 +96,7 @@ def layer_sensitivity(fp: nn.Module, model: nn.Module, batches: Iterable[dict], 
                       num_train_timesteps: int = 1000, show_progress: bool = True) -> dict:
     """The sensitivity report of quantize_'d `model` against its FP original `fp` on `batches` (kwargs dicts
     for `model(**kw)`, e.g. calibration rows). The model's own ranges are used as they are (RTN after
-    calibrate_, or a trained model); every quantizer is left as it was found.
+    fit_ranges_, or a trained model); every quantizer is left as it was found.
 
     Returns {"full": ..., "units": [...] sorted by only_quantized MSE, worst first, "buckets": [[lo, hi], ...]},
     each error as {"mse", "by_bucket"}; a unit also has its share of the summed only_quantized errors and the
