@@ -41,7 +41,8 @@ def test_wheel_install_runs_every_stage_outside_the_checkout(tmp_path):
     run([qdistill, "calibrate", "--config", "calibrate", "out=traj", "num_samples=8", "steps=10", "every=2",
          "batch_size=4"], work, env)
     run([qdistill, "train", "--config", "demo", "trajectories=traj", "out=run", "distill.iterations=2",
-         "distill.batch_size=4", "distill.init_rows=16", "distill.max_blocks=2", "sampling.num_samples=2",
+         "distill.batch_size=4", "distill.init_rows=16", "distill.max_blocks=2", "distill.e2e_iterations=2",
+         "quant.keep_sensitive_rows=16", "sampling.num_samples=2",
          "sampling.steps=5"], work, env)
     run([qdistill, "export", "run=run"], work, env)
     run([qdistill, "eval", "--config", "eval", "model=run/export", "num_samples=4", "steps=5", "batch_size=4",
